@@ -1,0 +1,106 @@
+"""Chunked SSD in pure JAX (Listing 1 of Dao & Gu 2024, "Transformers are SSMs").
+
+The sequence is cut into chunks of Q steps. Within a chunk the output is a masked quadratic form
+(attention-like); across chunks a (h, p, n) state is carried. Four steps:
+
+  1. intra-chunk output   Y_diag[l] = sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
+  2. chunk states         S_c = sum_s exp(cs_last - cs_s) dt_s x_s B_s^T
+  3. state passing        H_c = exp(cs_last(c-1)) H_{c-1} + S_{c-1}   (sequential over chunks)
+  4. state -> output      Y_off[l] = exp(cs_l) C_l H_c
+
+where cs is the within-chunk cumulative sum of dt*A. The segment sums are differences of
+within-chunk cumulative sums, masked to s <= l *before* the exponential so that the
+upper triangle never overflows; keeping the cumsum within a chunk bounds its magnitude, which
+keeps the difference accurate in float32.
+
+Contraction order (why it is faster than a plain transcription): C.B^T is formed once per chunk
+and group (not per head), heads are laid out as (g, heads-per-group) so groups broadcast without
+copies, and the only per-head (Q, Q) tensor is the decay-weighted score matrix that the
+quadratic form needs anyway.
+
+FLOPs (multiply-adds counted as 2) for b sequences of length l (padded to c chunks of Q):
+  C.B^T:          2 b c g Q^2 n
+  intra output:   2 b c h Q^2 p      (+ O(b c h Q^2) for the decay mask)
+  chunk states:   2 b c h Q p n
+  state output:   2 b c h Q p n
+  state passing:  O(b c h p n)
+
+Letters: b batch, l sequence, c chunk, q/s positions in a chunk, h heads (= g groups x j
+heads per group), p head dim, n state dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+            chunk_size: int, initial_states: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+    """Chunked SSD.
+
+    Args:
+      x: (b, l, h, p). dt: (b, l, h) float32, already biased/softplus'd. A: (h,).
+      B, C: (b, l, g, n). chunk_size: Q, the chunk length (a chunk never exceeds l).
+      initial_states: (b, h, p, n) or None (zeros).
+    Returns:
+      y (b, l, h, p) float32 without the D skip, final state (b, h, p, n) float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    j = h // g
+    f32 = jnp.float32
+    # A chunk longer than the sequence only adds padding: the result is the same.
+    q = min(chunk_size, l)
+    c = -(-l // q)
+    pad = c * q - l
+    # Zero padding is exact: dt = 0 means decay exp(0) = 1 and no input, so the state and the
+    # real outputs are untouched.
+    if pad:
+        pad_seq = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        x, dt, B, C = map(pad_seq, (x, dt, B, C))
+
+    mm_dtype = x.dtype  # matmul operands stay in the input dtype; accumulation is float32
+    x = x.reshape(b, c, q, g, j, p)
+    B = B.reshape(b, c, q, g, n)
+    C = C.reshape(b, c, q, g, n)
+    dt = dt.reshape(b, c, q, g, j)
+    dA_cs = jnp.cumsum(dt * A.astype(f32).reshape(g, j), axis=2)  # (b, c, q, g, j)
+    dA_cs_t = jnp.moveaxis(dA_cs, 2, -1)  # (b, c, g, j, q)
+
+    # 1. Intra-chunk: scores = (C_q . B_s) exp(cs_q - cs_s) dt_s, lower-triangular in (q, s).
+    cb = jnp.einsum("bcqgn,bcsgn->bcgqs", C, B, preferred_element_type=f32)  # (b, c, g, q, s)
+    seg = dA_cs_t[..., :, None] - dA_cs_t[..., None, :]  # (b, c, g, j, q, s)
+    causal = jnp.tril(jnp.ones((q, q), bool))
+    decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+    dt_t = jnp.moveaxis(dt, 2, -1)  # (b, c, g, j, s)
+    scores = cb[:, :, :, None] * decay * dt_t[..., None, :]  # (b, c, g, j, q, s)
+    y = jnp.einsum("bcgjqs,bcsgjp->bcqgjp", scores.astype(mm_dtype), x,
+                   preferred_element_type=f32)
+
+    # 2. Chunk states: what each chunk adds to the state by its end.
+    to_end = jnp.exp(dA_cs[:, :, -1:] - dA_cs) * dt  # (b, c, q, g, j)
+    xw = (x.astype(f32) * to_end[..., None]).astype(mm_dtype)
+    chunk_states = jnp.einsum("bcqgjp,bcqgn->bcgjpn", xw, B,
+                              preferred_element_type=f32)  # (b, c, g, j, p, n)
+
+    # 3. State passing: the state entering each chunk. Sequential, but only c steps.
+    chunk_decay = jnp.exp(dA_cs[:, :, -1])  # (b, c, g, j)
+    state0 = (jnp.zeros((b, g, j, p, n), f32) if initial_states is None
+              else initial_states.astype(f32).reshape(b, g, j, p, n))
+
+    def pass_state(state, inputs):
+        decay_c, new_c = inputs
+        return decay_c[..., None, None] * state + new_c, state
+
+    final, entering = jax.lax.scan(
+        pass_state, state0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # (b, c, g, j, p, n)
+
+    # 4. State -> output, decayed from the chunk start to each position.
+    y_off = jnp.einsum("bcqgn,bcgjpn->bcqgjp", C, entering.astype(mm_dtype),
+                       preferred_element_type=f32)
+    y = y + y_off * jnp.exp(dA_cs)[..., None]
+    y = y.reshape(b, c * q, h, p)[:, :l]
+    return y, final.reshape(b, h, p, n)
