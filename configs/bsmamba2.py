@@ -49,6 +49,15 @@ def get_model_config(variant: str = "") -> ml_collections.ConfigDict:
     return m
 
 
+def get_data_config(variant: str = "") -> ml_collections.ConfigDict:
+    """Where the audio comes from and how training examples are drawn (SPEC §4, §5)."""
+    d = ml_collections.ConfigDict()
+    d.root = ""  # MUSDB18-HQ root; "" = synthetic MUSDB18-HQ-shaped set generated in the workdir
+    d.sample_rate = 44100  # Hz; every file must have it
+    d.segment_seconds = 8.0  # training/validation segment length
+    return d
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: "" (paper), "demo" (CPU demo on synthetic data) or "tiny" (tests)."""
     variant = arg or ""
@@ -59,4 +68,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.variant = variant
     config.seed = 42
     config.model = get_model_config(variant)
+    config.data = get_data_config(variant)
     return config
