@@ -14,10 +14,9 @@ would cost several dB. All functions are jit-able and differentiable (gather / s
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def hann_window(window_length: int, n_fft: int | None = None) -> np.ndarray:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from bsmamba2_jax.audio import istft, stft
