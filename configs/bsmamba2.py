@@ -69,4 +69,55 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 42
     config.model = get_model_config(variant)
     config.data = get_data_config(variant)
+
+    # Training (SPEC §4). Steps count micro-batches (train-step calls) of config.data.batch_size
+    # examples (global, over all devices); an optimizer update happens every accum_steps of them.
+    # The paper gives no training length: 100 "epochs" of 6000 examples is our guess.
+    config.total_steps = 60_000  # micro-batches; 60k x 10 examples = 100 x 6000
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 5e-4  # AdamW learning rate, constant (no schedule)
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8  # AdamW epsilon (PyTorch default)
+    config.optim.weight_decay = 0.01  # decoupled, on every parameter as torch.optim.AdamW
+    config.optim.clip_norm = 3.0  # global-norm gradient clip of the accumulated gradient; 0 = off
+    config.optim.accum_steps = 6  # micro-batches per update: 10 x 6 = effective batch 60
+    config.ema_decay = 0.999  # EMA of the weights, per optimizer update; eval/export use it
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel size; -1 = all devices // fsdp
+    config.mesh.fsdp = 1  # >1 splits params/EMA/optimizer state over this many devices
+    config.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
+
+    config.log_every = 50  # micro-batches between progress lines / metric records
+    config.eval_every = 3000  # micro-batches between validations (EMA weights); 0 = only at end
+    config.eval_batch_size = 10  # validation segments per forward pass (global)
+    config.val_max_segments = 0  # validation segments used; 0 = all
+    config.ckpt_every = 1000  # micro-batches between checkpoints (always one at the end)
+    config.keep_checkpoints = 3  # newest checkpoints kept (the best by uSDR is kept apart)
+    config.async_checkpointing = True  # write checkpoints in the background
+    config.max_nonfinite_run = 20  # stop after this many non-finite micro-batches in a row
+    config.compilation_cache = True  # persistent XLA cache in WORKDIR/jax_cache
+    config.tensorboard = True  # TensorBoard events in WORKDIR/tensorboard
+
+    if variant == "demo":
+        config.total_steps = 600  # ~8 min on a 2-core CPU with the data set-up
+        config.optim.lr = 2e-3  # small model, short run: a larger step than the paper's
+        config.optim.accum_steps = 1
+        config.ema_decay = 0.99  # a short run: EMA must follow within ~100 updates
+        config.log_every = 25
+        config.eval_every = 0
+        config.eval_batch_size = 8
+        config.ckpt_every = 200
+    elif variant == "tiny":
+        config.total_steps = 6
+        config.optim.accum_steps = 2
+        config.ema_decay = 0.9
+        config.log_every = 1
+        config.eval_every = 0
+        config.eval_batch_size = 8
+        config.val_max_segments = 2
+        config.ckpt_every = 3
+        config.compilation_cache = False
+        config.tensorboard = False
     return config
