@@ -54,7 +54,49 @@ def get_data_config(variant: str = "") -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.root = ""  # MUSDB18-HQ root; "" = synthetic MUSDB18-HQ-shaped set generated in the workdir
     d.sample_rate = 44100  # Hz; every file must have it
-    d.segment_seconds = 8.0  # training/validation segment length
+    d.segment_seconds = 8.0  # training/validation segment length (8 s = 352,800 samples)
+    # Global micro-batch over all processes (paper: 5 per GPU x 2 GPUs); each process draws
+    # batch_size // process_count of it. Gradient accumulation (6 in the paper, effective 60)
+    # belongs to the training config.
+    d.batch_size = 10
+    d.examples_per_epoch = 6000  # random mixes per epoch (epochs repeat forever)
+    d.silence_prob = 0.1  # each stem (the vocal target too) is replaced by silence this often
+    d.gain_min = 0.5  # each stem's gain is uniform in [gain_min, gain_max]
+    d.gain_max = 1.5
+    # Source activity detection (SPEC §4): windows of one segment, hop = fraction * segment.
+    d.activity_step_fraction = 0.5  # 4 s hop for 8 s windows
+    d.activity_chunks = 10  # chunks per window
+    d.activity_quantile = 0.15  # per-window chunk-RMS percentile used as threshold
+    d.activity_rms_floor = 1e-3  # threshold floor (chunk RMS, full scale = 1)
+    d.activity_min_fraction = 0.5  # keep a window if more than this fraction of chunks is loud
+    d.validation_max_segments = 0  # aligned validation segments, evenly picked; 0 = all
+    d.num_workers = 4  # Grain mp_prefetch worker processes; 0 = read in the main process
+    d.worker_buffer_batches = 2  # batches each worker prepares ahead
+    d.read_threads = 2  # threads per process reading batches (soundfile releases the GIL)
+    d.prefetch_batches = 2  # batches read ahead per process (memory: ~28 MB per paper batch)
+    # Synthetic set (used when root == ""): written to WORKDIR/synthetic on first use.
+    d.synthetic_tracks = 16  # tracks in synthetic/train, validation ones included
+    d.synthetic_valid_tracks = 3  # of those, the validation split
+    d.synthetic_test_tracks = 4  # tracks in synthetic/test
+    d.synthetic_seconds = 30.0  # length of every synthetic track
+    d.synthetic_seed = 0  # the synthetic set is a pure function of this seed and the sizes
+    if variant == "demo":
+        d.segment_seconds = 2.0  # short segments: many more steps fit in the CPU budget
+        d.batch_size = 4
+        d.examples_per_epoch = 1000
+        d.num_workers = 0  # 2-core CPU: the model needs the cores more than the reader
+        d.read_threads = 1
+    elif variant == "tiny":
+        d.segment_seconds = 1.0
+        d.batch_size = 4
+        d.examples_per_epoch = 64
+        d.num_workers = 0
+        d.read_threads = 1
+        # Matches the tests' `synthetic_root` fixture (tests/conftest.py).
+        d.synthetic_tracks = 4
+        d.synthetic_valid_tracks = 1
+        d.synthetic_test_tracks = 2
+        d.synthetic_seconds = 6.0
     return d
 
 
