@@ -157,7 +157,7 @@ def list_tracks(root: str | os.PathLike, split: str) -> list[Track]:
     return tracks
 
 
-def assert_no_split_leakage(root: str | os.PathLike, train_tracks: Iterable[Track | str]) -> None:
+def check_split_disjoint(root: str | os.PathLike, train_tracks: Iterable[Track | str]) -> None:
     """Raises ValueError if any training track is a validation or test track (name or file)."""
     held_out = list_tracks(root, "valid") + list_tracks(root, "test")
     names = {t.name for t in held_out}
