@@ -1,0 +1,203 @@
+"""Chunked SSD with Pallas kernels (Triton backend), forward and backward joined by custom_vjp.
+
+Same four steps as `kernels.ssd.xla` (read its docstring for the algebra), arranged as kernels:
+
+  forward   chunk_state   S_c = sum_s exp(cs_last - cs_s) dt_s x_s^T B_s       (decay fused)
+            state passing H_{c+1} = exp(cs_last,c) H_c + S_c                   (lax.scan, c steps)
+            chunk_scan    y_t = exp(cs_t) C_t H_c^T + sum_{s<=t} (C_t.B_s) e^{cs_t-cs_s} dt_s x_s
+  backward  recompute H_c (chunk_state + scan), then
+            chunk_state   Y_c = sum_t exp(cs_t) dy_t^T C_t       (what the outputs send to H_c)
+            reverse scan  G_c = dL/dH_{c+1}; dL/dH_c = Y_c + exp(cs_last,c) G_c; G_c = dL/dS_c
+            bwd_rows      dC, the row part of dcs               (grid over row blocks)
+            bwd_cols      dx, dB, the direct dt gradient        (grid over column blocks)
+
+The within-chunk cumulative sum cs of dt*A is computed in JAX outside the custom_vjp, so JAX
+differentiates it (the reverse cumsum that turns dcs into dA and the rest of ddt). Padding is
+also outside: the sequence goes to a multiple of the chunk with dt = 0 (decay 1, no input: exact),
+and p, n go to powers of two >= 16 with zeros (exact: padded state rows/columns stay zero).
+The kernel chunk is the requested chunk_size rounded up to a power of two >= 16 (and not
+longer than needed for the sequence): any chunking computes the same function.
+
+On a machine whose default backend is not a GPU the kernels run in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kernels.ssd.pallas_bwd import chunk_scan_bwd_cols, chunk_scan_bwd_rows
+from kernels.ssd.pallas_fwd import SSDBlockSizes, chunk_scan, chunk_state
+from kernels.ssd.xla import ssd_xla
+
+__all__ = ["SSDBlockSizes", "kernel_dims", "ssd_pallas", "ssd_pallas_reference"]
+
+f32 = jnp.float32
+
+# The plain-jnp reference with float32 accumulation that these kernels reproduce.
+ssd_pallas_reference = ssd_xla
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def kernel_dims(seqlen: int, headdim: int, dstate: int, chunk_size: int) -> tuple[int, int, int]:
+    """(Q, P, N): the kernel chunk and the padded head and state dims, powers of two >= 16."""
+    chunk = max(16, _next_pow2(min(chunk_size, seqlen)))
+    return chunk, max(16, _next_pow2(headdim)), max(16, _next_pow2(dstate))
+
+
+class _Config(NamedTuple):
+    chunk: int
+    blocks: SSDBlockSizes
+    interpret: bool
+
+
+def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
+               chunk_size: int, initial_states: jax.Array | None = None, *,
+               block_sizes: SSDBlockSizes | None = None,
+               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Chunked SSD on Pallas kernels; differentiable in x, dt, A, B, C and initial_states.
+
+    Args:
+      x: (b, l, h, p) float32 or bfloat16. dt: (b, l, h), already biased/softplus'd (used in
+        float32). A: (h,). B, C: (b, l, g, n), h % g == 0.
+      chunk_size: chunk length; rounded up to a power of two >= 16 for the kernels.
+      initial_states: (b, h, p, n) or None (zeros).
+      block_sizes: tiles and launch parameters; default `SSDBlockSizes.default(P, N, Q)`.
+      interpret: run the kernels in the Pallas interpreter; default: when the default JAX
+        backend is not a GPU.
+    Returns:
+      y (b, l, h, p) float32 without the D skip, final state (b, h, p, n) float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    if h % g:
+        raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
+    chunk, P, N = kernel_dims(l, p, n, chunk_size)
+    blocks = block_sizes or SSDBlockSizes.default(P, N, chunk)
+    blocks.check(P, N, chunk)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    mm = jnp.result_type(x.dtype, B.dtype, C.dtype)
+    if mm not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x, B, C must be float32, bfloat16 or float16, got {mm}; cast them")
+    c = -(-l // chunk)
+    L = c * chunk
+
+    def pad(t, last):
+        widths = [(0, 0), (0, L - l)] + [(0, 0)] * (t.ndim - 3) + [(0, last - t.shape[-1])]
+        return jnp.pad(t.astype(mm), widths)
+
+    xp, Bp, Cp = pad(x, P), pad(B, N), pad(C, N)
+    dtp = jnp.pad(dt.astype(f32), [(0, 0), (0, L - l), (0, 0)]).transpose(0, 2, 1)  # (b, h, L)
+    dA = (dtp * A.astype(f32)[None, :, None]).reshape(b, h, c, chunk)
+    cs = jnp.cumsum(dA, axis=-1).reshape(b, h, L)
+    if initial_states is None:
+        init = jnp.zeros((b, h, P, N), f32)
+    else:
+        init = jnp.pad(initial_states.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)])
+    y, final = _ssd_core(_Config(chunk, blocks, bool(interpret)), xp, dtp, cs, Bp, Cp, init)
+    return y[:, :l, :, :p], final[:, :, :p, :n]
+
+
+# --- state passing (JAX, c sequential steps) -----------------------------------------------------
+
+def _chunk_decay(cs: jax.Array, chunk: int) -> jax.Array:
+    """exp(cs at each chunk's last step): (b, h, L) -> (b, h, c)."""
+    return jnp.exp(cs[:, :, chunk - 1::chunk])
+
+
+def _pass_states(chunk_states: jax.Array, decay: jax.Array, init: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N).
+
+    chunk_states (b, c, h, P, N); decay (b, h, c); init (b, h, P, N)."""
+    def step(state, inputs):
+        decay_c, new_c = inputs
+        return decay_c[..., None, None] * state + new_c, state
+
+    final, entering = jax.lax.scan(
+        step, init, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    return jnp.moveaxis(entering, 0, 1), final
+
+
+def _pass_state_grads(out_grads: jax.Array, states: jax.Array, decay: jax.Array,
+                      final_grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reverse of `_pass_states`.
+
+    Args:
+      out_grads: (b, c, h, P, N) what chunk c's outputs send to its entering state.
+      states: (b, c, h, P, N) entering states. decay: (b, h, c). final_grad: (b, h, P, N).
+    Returns:
+      gradients of each chunk's own contribution S_c (b, c, h, P, N), of each chunk's decay
+      (b, h, c), and of the initial state (b, h, P, N).
+    """
+    def step(grad, inputs):
+        decay_c, out_c, state_c = inputs
+        d_decay = jnp.sum(grad * state_c, axis=(-2, -1))
+        return out_c + decay_c[..., None, None] * grad, (grad, d_decay)
+
+    init_grad, (s_grads, d_decay) = jax.lax.scan(
+        step, final_grad,
+        (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(out_grads, 1, 0), jnp.moveaxis(states, 1, 0)),
+        reverse=True)
+    return jnp.moveaxis(s_grads, 0, 1), jnp.moveaxis(d_decay, 0, 2), init_grad
+
+
+# --- custom_vjp core on padded operands ----------------------------------------------------------
+
+def _states(cfg: _Config, x, dt, cs, B, init):
+    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=cfg.interpret)
+    chunk_states = chunk_state(x, B, dt, cs, to_end=True, **kw)
+    return _pass_states(chunk_states, _chunk_decay(cs, cfg.chunk), init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd_core(cfg: _Config, x, dt, cs, B, C, init):
+    """Padded operands: x (b, L, h, P); dt, cs (b, h, L) f32; B, C (b, L, g, N);
+    init (b, h, P, N) f32. Returns y (b, L, h, P) f32 and the final state (b, h, P, N) f32."""
+    return _core_fwd(cfg, x, dt, cs, B, C, init)[0]
+
+
+def _core_fwd(cfg: _Config, x, dt, cs, B, C, init):
+    states, final = _states(cfg, x, dt, cs, B, init)
+    y = chunk_scan(x, B, C, dt, cs, states, chunk=cfg.chunk, blocks=cfg.blocks,
+                   interpret=cfg.interpret)
+    # Residuals are the inputs only: the states are recomputed in the backward (they are as
+    # large as x in bf16, per layer).
+    return (y, final), (x, dt, cs, B, C, init)
+
+
+def _core_bwd(cfg: _Config, residuals, cotangents):
+    x, dt, cs, B, C, init = residuals
+    dy, d_final = cotangents
+    b, L, h, P = x.shape
+    g, N = B.shape[2], B.shape[3]
+    chunk = cfg.chunk
+    c = L // chunk
+    kw = dict(chunk=chunk, blocks=cfg.blocks, interpret=cfg.interpret)
+    states, _ = _states(cfg, x, dt, cs, B, init)
+    dy = dy.astype(x.dtype)  # matmul operand dtype, like the forward
+    out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+    decay = _chunk_decay(cs, chunk)
+    s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final.astype(f32))
+    dc_heads, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
+    dx, db_heads, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
+
+    ddt = ddt_intra + ddt_state
+    # cs_s enters every term through exp(... - cs_s) dt_s: its column part is -dt_s ddt_s.
+    dcs = (dcs_rows - dt * ddt).reshape(b, h, c, chunk)
+    # cs_last enters S_c through exp(cs_last - cs_s) and the passing through exp(cs_last).
+    last = jnp.sum((dt * ddt_state).reshape(b, h, c, chunk), axis=-1) + decay * d_decay
+    dcs = dcs.at[..., chunk - 1].add(last).reshape(b, h, L)
+    fold = lambda t: t.reshape(b, L, g, h // g, N).sum(axis=3)
+    return (dx.astype(x.dtype), ddt, dcs, fold(db_heads).astype(B.dtype),
+            fold(dc_heads).astype(C.dtype), d_init)
+
+
+_ssd_core.defvjp(_core_fwd, _core_bwd)
