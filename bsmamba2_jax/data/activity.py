@@ -117,8 +117,14 @@ def _cache_key(root: pathlib.Path, split: str, tracks: list[musdb_lib.Track],
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+CACHE_ENV = "BSMAMBA2_JAX_CACHE"  # overrides the default cache folder (the tests set it)
+
+
 def default_cache_dir() -> pathlib.Path:
-    """$XDG_CACHE_HOME/bsmamba2_jax (or ~/.cache/bsmamba2_jax): used when no cache_dir is given."""
+    """Used when no cache_dir is given: $BSMAMBA2_JAX_CACHE, else $XDG_CACHE_HOME/bsmamba2_jax
+    (~/.cache/bsmamba2_jax)."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(base) / "bsmamba2_jax"
 
