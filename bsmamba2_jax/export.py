@@ -1,0 +1,170 @@
+"""One self-contained model file: EMA weights + model config, readable on any device.
+
+    python -m bsmamba2_jax.export WORKDIR_OR_STEP_DIR OUT.msgpack
+
+File format (flax.serialization msgpack of one dict):
+    {"format": "bsmamba2-jax-model", "version": 1,
+     "config": JSON text {"model": {...BSMamba2 kwargs...}, "sample_rate": 44100,
+                          "segment_seconds": 8.0, "step": ...},
+     "params": the `model.init` pytree of float32 arrays}
+No dataset paths, optimizer state or device layout are stored: loading needs only NumPy, and the
+params land on whatever device runs `model.apply`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "bsmamba2-jax-model"
+VERSION = 1
+
+
+def _plain(x: Any) -> Any:
+    """ConfigDict / FrozenDict / tuples -> JSON-able dicts and lists."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists back to tuples (BSMamba2's band_widths is a tuple field)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def _to_numpy(params: Any) -> Any:
+    import jax
+
+    # float32 on the host: device-independent, and what `model.apply` expects for storage.
+    return jax.tree.map(lambda a: np.asarray(jax.device_get(a), dtype=np.float32), params)
+
+
+def model_config_dict(config: Any) -> dict:
+    """The run config (or just its model section) -> the exported config dict."""
+    plain = _plain(config)
+    if "model" not in plain:
+        plain = {"model": plain}
+    data = plain.get("data", {}) or {}
+    return {
+        "model": plain["model"],
+        "sample_rate": int(data.get("sample_rate", 44100)),
+        "segment_seconds": float(data.get("segment_seconds", 8.0)),
+    }
+
+
+def save_model(path: str | Path, params: Any, config: Any, **extra: Any) -> Path:
+    """Writes params + config to one file.
+
+    Args:
+      path: output file; its parent folders are created.
+      params: the `model.init` pytree ({"params": ...}).
+      config: the run's ConfigDict (or a dict with a "model" section, or the model section).
+      extra: JSON-able facts to keep with the config (e.g. step=...).
+    """
+    from flax import serialization
+
+    cfg = model_config_dict(config)
+    cfg.update(_plain(extra))
+    blob = serialization.msgpack_serialize({
+        "format": FORMAT, "version": VERSION, "config": json.dumps(cfg),
+        "params": _to_numpy(_plain_tree(params)),
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)  # never leave a half-written model file behind
+    return path
+
+
+def _plain_tree(params: Any) -> Any:
+    """FrozenDict -> dict (msgpack stores dicts; restoring gives dicts either way)."""
+    if isinstance(params, Mapping):
+        return {str(k): _plain_tree(v) for k, v in params.items()}
+    return params
+
+
+def load_model(path: str | Path) -> tuple[Any, dict]:
+    """Reads a file written by `save_model`.
+
+    Returns:
+      (params, config): params a pytree of float32 np.ndarray; config a dict with "model" (the
+      BSMamba2 keyword arguments, lists turned back into tuples), "sample_rate", "segment_seconds".
+    """
+    from flax import serialization
+
+    path = Path(path)
+    if not path.is_file():
+        hint = (" (that is a folder: export it first with `python -m bsmamba2_jax.export "
+                f"{path} model.msgpack`)") if path.is_dir() else ""
+        raise FileNotFoundError(f"No model file at {path}{hint}")
+    try:
+        blob = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - any decoding error means "not our file"
+        raise ValueError(f"{path} is not a bsmamba2-jax model file ({e}); write one with "
+                         "`python -m bsmamba2_jax.export WORKDIR OUT`") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a bsmamba2-jax model file; write one with "
+                         "`python -m bsmamba2_jax.export WORKDIR OUT`")
+    if blob.get("version") != VERSION:
+        raise ValueError(f"{path} has model-file version {blob.get('version')}, this code reads "
+                         f"version {VERSION}")
+    config = json.loads(blob["config"])
+    config["model"] = _tuples(config["model"])
+    return blob["params"], config
+
+
+def build_model(config: dict) -> Any:
+    """BSMamba2 from an exported config dict."""
+    from bsmamba2_jax.model import BSMamba2
+
+    return BSMamba2(**config["model"])
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """EMA weights of a training checkpoint (workdir or step dir) -> one model file."""
+    from bsmamba2_jax.train.checkpoint import _step_dir, load_ema_params
+
+    ema, config = load_ema_params(checkpoint)
+    step_dir = _step_dir(Path(checkpoint).absolute())
+    step = int(step_dir.name) if step_dir.name.isdigit() else None
+    return save_model(out, ema, config, step=step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bsmamba2_jax.export",
+        description="Export the EMA weights of a training checkpoint to one model file.")
+    parser.add_argument("checkpoint", help="train.py workdir (latest step) or a step directory")
+    parser.add_argument("out", help="output model file, e.g. bsmamba2.msgpack")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"{out} is a folder; give a file name such as {out / 'bsmamba2.msgpack'}")
+    try:
+        path = export(args.checkpoint, out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
