@@ -105,17 +105,28 @@ def compiler_params(num_warps: int, num_stages: int):
 
 # --- chunk states --------------------------------------------------------------------------------
 
-def _chunk_state_kernel(u_ref, v_ref, dt_ref, cs_ref, out_ref, *, to_end: bool, interpret: bool):
-    """out (bp, N) = (u * w)^T V over one chunk; u (Q, bp), V (Q, N), dt and cs (Q,)."""
-    cs = cs_ref[...]
-    if to_end:  # decay from each step to the chunk's end, times the step size
-        last = cs_ref[pl.ds(cs.shape[0] - 1, 1)]
-        w = jnp.exp(last - cs) * dt_ref[...]
-    else:  # decay from the chunk's start to each step
-        w = jnp.exp(cs)
-    u = u_ref[...]
-    uw = (u.astype(f32) * w[:, None]).astype(u.dtype)
-    out_ref[...] = dot(uw, v_ref[...], trans_a=True, interpret=interpret)
+def _chunk_state_kernel(u_ref, v_ref, dt_ref, cs_ref, out_ref, *, to_end: bool, block_m: int,
+                        interpret: bool):
+    """out (bp, N) = (u * w)^T V over one chunk; u (Q, bp), V (Q, N), dt and cs (Q,).
+
+    The chunk is consumed block_m rows at a time: small shared-memory tiles (a whole f32 chunk
+    of V would not fit an A100's) that Triton can pipeline."""
+    chunk = cs_ref.shape[0]
+    last = cs_ref[pl.ds(chunk - 1, 1)]
+
+    def body(k, acc):
+        rows = pl.ds(k * block_m, block_m)
+        cs = cs_ref[rows]
+        if to_end:  # decay from each step to the chunk's end, times the step size
+            w = jnp.exp(last - cs) * dt_ref[rows]
+        else:  # decay from the chunk's start to each step
+            w = jnp.exp(cs)
+        u = u_ref[rows, :]
+        uw = (u.astype(f32) * w[:, None]).astype(u.dtype)
+        return acc + dot(uw, v_ref[rows, :], trans_a=True, interpret=interpret)
+
+    acc = jnp.zeros(out_ref.shape, f32)
+    out_ref[...] = lax.fori_loop(0, chunk // block_m, body, acc)
 
 
 def chunk_state(u: jax.Array, v: jax.Array, dt: jax.Array, cs: jax.Array, *, chunk: int,
@@ -133,7 +144,8 @@ def chunk_state(u: jax.Array, v: jax.Array, dt: jax.Array, cs: jax.Array, *, chu
     j = h // g
     c = L // chunk
     bp = blocks.block_p
-    kernel = functools.partial(_chunk_state_kernel, to_end=to_end, interpret=interpret)
+    kernel = functools.partial(_chunk_state_kernel, to_end=to_end, block_m=blocks.block_m,
+                               interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(b, c, h, P // bp),
