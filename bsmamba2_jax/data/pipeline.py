@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +30,6 @@ import numpy as np
 
 from bsmamba2_jax.data import activity as activity_lib
 from bsmamba2_jax.data import musdb as musdb_lib
-from bsmamba2_jax.data import synthetic
 
 _MAX_SEED = 2**32 - 1  # Grain's random_map seed range
 
@@ -42,6 +40,8 @@ def segment_samples(data_config) -> int:
 
 
 def _synthetic_info(data_config) -> dict:
+    from bsmamba2_jax.data import synthetic
+
     return synthetic.generation_info(
         tracks=data_config.synthetic_tracks, valid_tracks=data_config.synthetic_valid_tracks,
         test_tracks=data_config.synthetic_test_tracks, seconds=data_config.synthetic_seconds,
@@ -54,6 +54,10 @@ def prepare_dataset_root(config, workdir: str | os.PathLike) -> pathlib.Path:
     The synthetic set is generated on first use (sizes from config.data.synthetic_*); an existing
     one generated with other parameters is an error rather than silently reused.
     """
+    # Imported here so that `python -m bsmamba2_jax.data.synthetic` does not find the module
+    # already imported by this package (runpy warns about that).
+    from bsmamba2_jax.data import synthetic
+
     d = config.data
     if d.sample_rate != musdb_lib.SAMPLE_RATE:
         raise ValueError(f"config.data.sample_rate={d.sample_rate}; only "
@@ -76,13 +80,11 @@ def prepare_dataset_root(config, workdir: str | os.PathLike) -> pathlib.Path:
         synthetic.generate_dataset(root, tracks=want["tracks"], seconds=want["seconds"],
                                    valid_tracks=want["valid_tracks"],
                                    test_tracks=want["test_tracks"], seed=want["seed"])
-    except OSError:
-        # Another process (multi-host, shared workdir) renamed its copy into place first; the
-        # content is identical, so use it.
+    except (OSError, ValueError):
+        # Another process (multi-host, shared workdir) put its copy in place first; the content
+        # is identical (a pure function of the same parameters), so use it.
         if not (root / synthetic.INFO_FILE).is_file():
             raise
-    for leftover in root.parent.glob(f".{root.name}.tmp-*"):  # from crashed earlier runs
-        shutil.rmtree(leftover, ignore_errors=True)
     return root
 
 
