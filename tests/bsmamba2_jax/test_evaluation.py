@@ -169,3 +169,34 @@ def test_evaluate_py_end_to_end(synthetic_root, tmp_path):
     sweep = json.loads((workdir / "eval" / "test" / "sweep_ov0_shifts1.json").read_text())
     assert set(sweep) == {"2", "3"} and sweep["2"]["usdr"] == pytest.approx(summary["usdr"])
     assert (workdir / "eval" / "test" / "sweep_ov0_shifts1.png").is_file()
+
+
+def test_mel_filterbank_and_sine_peak():
+    from bsmamba2_jax import plots
+
+    rate, n_fft, n_mels = 44100, 2048, 64
+    fb = plots.mel_filterbank(n_fft, n_mels, rate)
+    assert fb.shape == (n_mels, n_fft // 2 + 1) and fb.min() >= 0 and fb.max() <= 1
+    centres = plots.mel_to_hz(np.linspace(0, plots.hz_to_mel(rate / 2), n_mels + 2))[1:-1]
+    freqs = np.arange(n_fft // 2 + 1) * rate / n_fft
+    # every filter peaks at the bin nearest its centre frequency
+    assert np.all(np.abs(freqs[fb.argmax(axis=1)] - centres) <= rate / n_fft)
+    t = np.arange(rate) / rate
+    tone = np.sin(2 * np.pi * 3000.0 * t)[None].repeat(2, 0)
+    mel = plots.mel_power(tone, rate, n_mels=n_mels)
+    loudest = mel.mean(axis=1).argmax()
+    assert abs(centres[loudest] - 3000.0) < np.diff(centres)[loudest] * 1.5
+
+
+def test_plots_cli_writes_figure(synthetic_root, tmp_path):
+    from bsmamba2_jax import plots
+
+    track = sorted(p for p in (synthetic_root / "test").iterdir() if p.is_dir())[0]
+    est = tmp_path / "est" / "vocals.wav"
+    est.parent.mkdir()
+    sf.write(str(est), 0.5 * _read(track / "mixture.wav").T, 44100, subtype="FLOAT")
+    out = tmp_path / "fig.png"
+    assert plots.main(["--track", str(track), "--estimate", str(est), "--label", "half mix",
+                       "--start", "1", "--duration", "3", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.main(["--track", str(track), "--start", "999", "-o", str(out)]) == 1

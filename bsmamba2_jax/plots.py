@@ -1,0 +1,154 @@
+"""Mel spectrograms of mixture, reference and estimates over one time range (the paper's Fig. 2).
+
+    python -m bsmamba2_jax.plots --track MUSDB_TRACK_DIR --estimate EST/vocals.wav \
+        [--estimate OTHER/vocals.wav --label BSMamba2 --label other] --start 30 --duration 8 \
+        -o fig2.png
+    python -m bsmamba2_jax.plots --mixture mix.wav --reference vocals.wav --estimate est.wav ...
+
+Estimates come from `evaluate.py --write_audio` (WORKDIR/eval/<split>/<run>/audio/<track>/) or
+from `bsmamba2-separate`. Channels are averaged; spectra are power mel spectrograms in dB relative
+to the loudest bin of all panels, so the panels share one colour scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    """HTK mel scale."""
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_to_hz(m: np.ndarray | float) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, rate: int, fmin: float = 0.0,
+                   fmax: float | None = None) -> np.ndarray:
+    """Triangular filters, equally spaced on the mel scale, peak 1: (n_mels, n_fft // 2 + 1)."""
+    fmax = rate / 2 if fmax is None else fmax
+    if not 0 <= fmin < fmax <= rate / 2:
+        raise ValueError(f"need 0 <= fmin < fmax <= rate/2, got {fmin=}, {fmax=}, {rate=}")
+    freqs = np.arange(n_fft // 2 + 1) * rate / n_fft
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lo) / (mid - lo)
+    down = (hi - freqs[None]) / (hi - mid)
+    return np.clip(np.minimum(up, down), 0.0, None)
+
+
+def mel_power(audio: np.ndarray, rate: int, n_fft: int = 2048, hop: int = 441,
+              n_mels: int = 128, fmax: float | None = None) -> np.ndarray:
+    """(channels, samples) or (samples,) -> mel power (n_mels, frames), channels averaged first.
+
+    Periodic Hann window, frames start every `hop` samples (no centre padding).
+    """
+    x = np.asarray(audio, dtype=np.float64)
+    x = x.mean(axis=0) if x.ndim == 2 else x
+    if x.shape[-1] < n_fft:
+        x = np.pad(x, (0, n_fft - x.shape[-1]))
+    n = 1 + (x.shape[-1] - n_fft) // hop
+    idx = np.arange(n)[:, None] * hop + np.arange(n_fft)[None]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    spec = np.abs(np.fft.rfft(x[idx] * window, axis=-1)) ** 2  # (frames, bins)
+    return mel_filterbank(n_fft, n_mels, rate, fmax=fmax) @ spec.T
+
+
+def plot_mel_panels(panels: Sequence[tuple[str, np.ndarray]], rate: int, path: str | Path, *,
+                    start: float = 0.0, title: str | None = None, floor_db: float = -80.0,
+                    n_mels: int = 128, fmax: float = 16000.0) -> Path:
+    """One mel-spectrogram row per (label, audio (channels, samples)) panel, shared dB scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("nothing to plot: pass at least one (label, audio) panel")
+    fmax = min(fmax, rate / 2)
+    mels = [mel_power(a, rate, n_mels=n_mels, fmax=fmax) for _, a in panels]
+    ref = max(float(m.max()) for m in mels) or 1.0
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels) + 0.6), sharex=True,
+                             squeeze=False)
+    image = None
+    for ax, (label, audio), m in zip(axes[:, 0], panels, mels, strict=True):
+        db = 10 * np.log10(np.maximum(m, ref * 10 ** (floor_db / 10)) / ref)
+        seconds = np.asarray(audio).shape[-1] / rate
+        image = ax.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=floor_db, vmax=0,
+                          extent=(start, start + seconds, 0, n_mels))
+        ax.set_ylabel("mel bin")
+        ax.set_title(label, fontsize=10, loc="left")
+    axes[-1, 0].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="dB", shrink=0.9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _read_range(path: Path, start: float, duration: float | None) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    first = int(round(start * info.samplerate))
+    if first >= info.frames:
+        raise ValueError(f"--start {start} s is past the end of {path} "
+                         f"({info.frames / info.samplerate:.1f} s)")
+    frames = -1 if duration is None else int(round(duration * info.samplerate))
+    audio, rate = sf.read(str(path), start=first, frames=frames, dtype="float32", always_2d=True)
+    return audio.T, rate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bsmamba2_jax.plots",
+                                     description="Mel spectrograms like the paper's Fig. 2.")
+    parser.add_argument("--track", help="MUSDB18-HQ track folder (mixture.wav, vocals.wav)")
+    parser.add_argument("--mixture", help="mixture file (instead of --track)")
+    parser.add_argument("--reference", help="reference vocals file (instead of --track)")
+    parser.add_argument("--estimate", action="append", default=[], help="estimate file(s)")
+    parser.add_argument("--label", action="append", default=[], help="name per --estimate")
+    parser.add_argument("--start", type=float, default=0.0, help="start time in seconds")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds to show")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("-o", "--output", required=True, help="output image (.png, .pdf)")
+    args = parser.parse_args(argv)
+    mixture = Path(args.mixture) if args.mixture else (
+        Path(args.track) / "mixture.wav" if args.track else None)
+    reference = Path(args.reference) if args.reference else (
+        Path(args.track) / "vocals.wav" if args.track else None)
+    if args.label and len(args.label) != len(args.estimate):
+        parser.error(f"{len(args.label)} --label for {len(args.estimate)} --estimate")
+    labels = args.label or [f"estimate: {Path(e).parent.name}/{Path(e).name}"
+                            for e in args.estimate]
+    files = [(n, p) for n, p in (("mixture", mixture), ("reference vocals", reference)) if p]
+    files += [(lab, Path(e)) for lab, e in zip(labels, args.estimate, strict=True)]
+    if not files:
+        parser.error("nothing to plot: pass --track or --mixture/--reference and/or --estimate")
+    panels, rates = [], set()
+    try:
+        for label, path in files:
+            audio, rate = _read_range(path, args.start, args.duration)
+            panels.append((label, audio))
+            rates.add(rate)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if len(rates) != 1:
+        print(f"error: the files have different sample rates {sorted(rates)}", file=sys.stderr)
+        return 1
+    out = plot_mel_panels(panels, rates.pop(), args.output, start=args.start, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
