@@ -255,7 +255,7 @@ def synthesize_track(seed: int, subset: str, index: int, seconds: float) -> Synt
     for a, b in phrases:
         active[a:b] = True
     stems = {
-        "vocals": _scale_rms(vocals, 0.09 * rng.uniform(0.7, 1.3), active),
+        "vocals": _scale_rms(vocals, 0.14 * rng.uniform(0.7, 1.3), active),
         "drums": _scale_rms(_drums(rng, n, beat), 0.10 * rng.uniform(0.7, 1.3)),
         "bass": _scale_rms(_bass(rng, n, beat, chord_roots), 0.08 * rng.uniform(0.7, 1.3)),
         "other": _scale_rms(_other(rng, n, beat, root, scale, degrees),
