@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -122,6 +123,34 @@ def test_error_fewer_tracks_than_the_split_needs(small_root):
     (small_root / synthetic.SETUP_FILE).write_text(json.dumps(setup))
     with pytest.raises(ValueError, match=r"lacks 1 of the 2 validation tracks.*Valid 001"):
         data.list_tracks(small_root, "valid")
+
+
+def test_a_root_without_setup_file_gets_musdbs_standard_split(tmp_path):
+    """A MUSDB18-HQ-like root (no musdb_setup.yaml): musdb's 14 validation songs form "valid"."""
+    import musdb
+    import yaml
+
+    with open(pathlib.Path(musdb.__path__[0]) / "configs" / "mus.yaml") as f:
+        valid = yaml.safe_load(f)["validation_tracks"]
+    rng = np.random.default_rng(0)
+    names = {"train": valid + ["A - Train Song"], "test": ["B - Test Song"]}
+    for subset, tracks in names.items():
+        for name in tracks:
+            (tmp_path / subset / name).mkdir(parents=True)
+            for stem in ("mixture", *data.STEMS):
+                sf.write(tmp_path / subset / name / f"{stem}.wav",
+                         rng.uniform(-0.1, 0.1, (441, 2)).astype(np.float32), 44100)
+    assert [t.name for t in data.list_tracks(tmp_path, "valid")] == sorted(valid)
+    with pytest.raises(ValueError, match=r"split 'train' .* has 1 track\(s\), needs at least 86"):
+        data.list_tracks(tmp_path, "train")
+
+
+def test_read_crop(synthetic_root):
+    path = synthetic_root / "test" / "Synthetic - Test 000" / "drums.wav"
+    whole = _read_all(path)
+    np.testing.assert_array_equal(data.read_crop(path, 1234, 5000), whole[:, 1234:6234])
+    with pytest.raises(ValueError, match=r"asked for samples \[264000, 265000\)"):
+        data.read_crop(path, 264000, 1000)
 
 
 # ----------------------------------------------------------------------------- activity
