@@ -109,9 +109,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     data_lib.assert_no_split_leakage(config, root)
     data_iter = iter(data_lib.make_train_dataset(
         config, root, seed=config.seed, shard_index=jax.process_index(),
-        shard_count=jax.process_count()))
-    val_segments = data_lib.make_validation_segments(
-        config, root, max_segments=config.val_max_segments or None)
+        shard_count=jax.process_count(), cache_dir=workdir))
+    val_segments = data_lib.make_validation_segments(config, root, cache_dir=workdir)
 
     # State: created directly in its sharded layout, or restored from the newest checkpoint.
     model = BSMamba2(**config.model)

@@ -134,7 +134,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 50  # micro-batches between progress lines / metric records
     config.eval_every = 3000  # micro-batches between validations (EMA weights); 0 = only at end
     config.eval_batch_size = 10  # validation segments per forward pass (global)
-    config.val_max_segments = 0  # validation segments used; 0 = all
     config.ckpt_every = 1000  # micro-batches between checkpoints (always one at the end)
     config.keep_checkpoints = 3  # newest checkpoints kept (the best by uSDR is kept apart)
     config.async_checkpointing = True  # write checkpoints in the background
@@ -158,7 +157,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every = 1
         config.eval_every = 0
         config.eval_batch_size = 8
-        config.val_max_segments = 2
         config.ckpt_every = 3
         config.compilation_cache = False
         config.tensorboard = False
