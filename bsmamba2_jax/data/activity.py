@@ -21,6 +21,7 @@ import os
 import pathlib
 import tempfile
 
+import ml_collections
 import numpy as np
 
 from bsmamba2_jax.data import musdb as musdb_lib
@@ -43,7 +44,7 @@ class ActivityParams:
                              f"step={self.step} >= 1")
 
 
-def params_from_config(data_config) -> ActivityParams:
+def params_from_config(data_config: ml_collections.ConfigDict) -> ActivityParams:
     """ActivityParams from `config.data` (segment length in seconds -> samples)."""
     window = int(round(data_config.segment_seconds * data_config.sample_rate))
     return ActivityParams(

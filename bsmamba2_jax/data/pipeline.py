@@ -24,22 +24,26 @@ import logging
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import ml_collections
 import numpy as np
 
 from bsmamba2_jax.data import activity as activity_lib
 from bsmamba2_jax.data import musdb as musdb_lib
 
+if TYPE_CHECKING:
+    import grain
+
 _MAX_SEED = 2**32 - 1  # Grain's random_map seed range
 
 
-def segment_samples(data_config) -> int:
+def segment_samples(data_config: ml_collections.ConfigDict) -> int:
     """Training/validation segment length in samples."""
     return int(round(data_config.segment_seconds * data_config.sample_rate))
 
 
-def _synthetic_info(data_config) -> dict:
+def _synthetic_info(data_config: ml_collections.ConfigDict) -> dict:
     from bsmamba2_jax.data import synthetic
 
     return synthetic.generation_info(
@@ -48,7 +52,8 @@ def _synthetic_info(data_config) -> dict:
         seed=data_config.synthetic_seed, subtype="FLOAT")
 
 
-def prepare_dataset_root(config, workdir: str | os.PathLike) -> pathlib.Path:
+def prepare_dataset_root(config: ml_collections.ConfigDict,
+                         workdir: str | os.PathLike) -> pathlib.Path:
     """The dataset root: `config.data.root`, or the synthetic set in `workdir/synthetic`.
 
     The synthetic set is generated on first use (sizes from config.data.synthetic_*); an existing
@@ -88,7 +93,7 @@ def prepare_dataset_root(config, workdir: str | os.PathLike) -> pathlib.Path:
     return root
 
 
-def assert_no_split_leakage(config, root: str | os.PathLike) -> None:
+def assert_no_split_leakage(config: ml_collections.ConfigDict, root: str | os.PathLike) -> None:
     """Raises ValueError if a validation or test track is among the tracks training draws from.
 
     `config` is accepted for symmetry with the other entry points; the split depends on the root
@@ -170,9 +175,10 @@ class RandomMix:
         return out
 
 
-def make_train_dataset(config, root: str | os.PathLike, *, seed: int, shard_index: int = 0,
-                       shard_count: int = 1, cache_dir: str | os.PathLike | None = None,
-                       with_metadata: bool = False):
+def make_train_dataset(config: ml_collections.ConfigDict, root: str | os.PathLike, *, seed: int,
+                       shard_index: int = 0, shard_count: int = 1,
+                       cache_dir: str | os.PathLike | None = None,
+                       with_metadata: bool = False) -> grain.IterDataset:
     """The training stream of random-mix batches for one process.
 
     Args:
@@ -218,7 +224,8 @@ def make_train_dataset(config, root: str | os.PathLike, *, seed: int, shard_inde
     return it
 
 
-def make_validation_segments(config, root: str | os.PathLike, *, max_segments: int | None = None,
+def make_validation_segments(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
+                             max_segments: int | None = None,
                              cache_dir: str | os.PathLike | None = None
                              ) -> list[dict[str, Any]]:
     """Aligned same-track validation segments at the windows where the vocals are active.
