@@ -172,8 +172,7 @@ def score_track(mixture: np.ndarray, vocals: np.ndarray, accompaniment: np.ndarr
     if estimate.shape != vocals.shape:
         raise ValueError(f"estimate {estimate.shape} must match the reference {vocals.shape}")
     est_acc = mixture - estimate
-    frames = metrics.csdr_frames(np.stack([vocals, accompaniment]),
-                                 np.stack([estimate, est_acc]), rate)
+    frames = metrics.csdr_frames([vocals, accompaniment], [estimate, est_acc], rate)
     track_csdr = metrics.nanmedian(frames, axis=-1)
     leakage, silent = metrics.silent_leakage(vocals, estimate, mixture, rate)
     return {

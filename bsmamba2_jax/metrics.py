@@ -21,52 +21,79 @@ frame. Unlike museval, a source silent over the whole track gives NaN frames ins
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 SAMPLE_RATE = 44100
 USDR_EPS = 1e-7  # uSDR regulariser (SPEC §6), added to numerator and denominator
 
 
-def _as_float64(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError(f"{name} is empty; pass audio shaped (..., channels, samples)")
-    return x
+def _as_sources(x: np.ndarray | Sequence[np.ndarray], name: str) -> list[np.ndarray]:
+    """(sources, channels, samples) array, or a sequence of (channels, samples) arrays -> list.
+
+    A sequence is not stacked, which saves a copy of every source on long tracks.
+    """
+    sources = [np.asarray(s) for s in x]
+    if not sources:
+        raise ValueError(f"{name} is empty; pass (sources, channels, samples) audio")
+    for s in sources:
+        if s.ndim != 2 or s.size == 0 or not np.issubdtype(s.dtype, np.floating):
+            raise ValueError(f"{name} must be (sources, channels, samples) float audio; got a "
+                             f"source of dtype {s.dtype} and shape {s.shape}")
+        if s.shape != sources[0].shape:
+            raise ValueError(f"{name}: sources differ in shape, {s.shape} vs {sources[0].shape}")
+    if sources[0].shape[-1] < sources[0].shape[-2]:
+        raise ValueError(f"{name} sources of shape {sources[0].shape} have fewer samples than "
+                         "channels: this looks channel-last (museval order); pass "
+                         "(sources, channels, samples)")
+    return sources
 
 
-def _check_sources(references: np.ndarray, estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    references, estimates = np.asarray(references), np.asarray(estimates)
-    for name, x in (("references", references), ("estimates", estimates)):
-        if x.size == 0 or not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{name} must be non-empty float audio, got {x.dtype} {x.shape}")
-    if references.ndim != 3:
-        raise ValueError(f"references must be (sources, channels, samples), got {references.shape}")
-    if references.shape != estimates.shape:
-        raise ValueError(f"references {references.shape} and estimates {estimates.shape} must have "
-                         "the same shape (sources, channels, samples); trim or pad the estimates")
-    if references.shape[-1] < references.shape[-2]:
-        raise ValueError(f"shape {references.shape} has fewer samples than channels: this looks "
-                         "channel-last (museval order); pass (sources, channels, samples)")
-    return references, estimates
+def _check_sources(references, estimates) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    refs, ests = _as_sources(references, "references"), _as_sources(estimates, "estimates")
+    if len(refs) != len(ests) or refs[0].shape != ests[0].shape:
+        raise ValueError(f"references ({len(refs)} x {refs[0].shape}) and estimates "
+                         f"({len(ests)} x {ests[0].shape}) must have the same shape (sources, "
+                         "channels, samples); trim or pad the estimates")
+    return refs, ests
+
+
+def _energies(reference: np.ndarray, estimate: np.ndarray,
+              block: int = 1 << 17) -> tuple[float, float]:
+    """(sum r^2, sum (e - r)^2) in float64, block by block (no whole-track float64 copies)."""
+    r, e = reference.reshape(-1), estimate.reshape(-1)
+    x_buf = np.empty(min(block, r.size))
+    d_buf = np.empty_like(x_buf)
+    num = den = 0.0
+    for i in range(0, r.size, block):
+        k = min(block, r.size - i)
+        x, d = x_buf[:k], d_buf[:k]
+        np.copyto(x, r[i:i + k])
+        np.copyto(d, e[i:i + k])
+        np.subtract(d, x, out=d)
+        num += float(np.einsum("i,i->", x, x))  # not BLAS: its threads spin on small calls
+        den += float(np.einsum("i,i->", d, d))
+    return num, den
 
 
 def usdr(reference: np.ndarray, estimate: np.ndarray, eps: float = USDR_EPS) -> float:
     """Utterance SDR in dB over all channels and samples (SPEC §6).
 
-    `10 log10((sum s^2 + eps) / (sum (s - s_hat)^2 + eps))`.
+    `10 log10((sum s^2 + eps) / (sum (s - s_hat)^2 + eps))`, sums in float64.
 
     Args:
       reference: (channels, samples) (any shape works; everything is summed).
       estimate: same shape as `reference`.
     """
-    reference = _as_float64(reference, "reference")
-    estimate = _as_float64(estimate, "estimate")
+    reference, estimate = np.asarray(reference), np.asarray(estimate)
     if reference.shape != estimate.shape:
         raise ValueError(f"reference {reference.shape} and estimate {estimate.shape} must have the "
                          "same shape")
-    num = np.sum(reference**2) + eps
-    den = np.sum((reference - estimate) ** 2) + eps
-    return float(10.0 * np.log10(num / den))
+    if reference.size == 0:
+        raise ValueError("reference is empty; pass audio shaped (channels, samples)")
+    num, den = _energies(reference, estimate)
+    return float(10.0 * np.log10((num + eps) / (den + eps)))
 
 
 def num_frames(samples: int, win: int) -> int:
@@ -96,7 +123,7 @@ def silent_frames(sources: np.ndarray, win: int = SAMPLE_RATE) -> np.ndarray:
     return ~np.any(frame(summed, win), axis=-1)
 
 
-def _channel_sum_silent(x: np.ndarray, gram: np.ndarray, w: int) -> np.ndarray:
+def _channel_sum_silent(x: list[np.ndarray], gram: np.ndarray, w: int) -> np.ndarray:
     """museval's silence flag per source and frame, from the channel Gram matrix of each frame.
 
     The channel sum is zero on the whole frame iff its energy, the sum of all Gram entries, is
@@ -104,17 +131,18 @@ def _channel_sum_silent(x: np.ndarray, gram: np.ndarray, w: int) -> np.ndarray:
     energy is merely tiny next to its channel energies (anti-phase channels) is checked exactly on
     the samples, like museval, since summing the Gram entries can leave rounding residue.
 
-    Args: x (s, c, b*w) block of the input; gram (s, c, c, b). Returns (s, b) bool.
+    Args: x: per source, the (c, b*w) block of the input; gram (s, c, c, b).
+    Returns (s, b) bool.
     """
     trace = np.einsum("scct->st", gram)
     summed = gram.sum(axis=(1, 2))
     silent = trace == 0
     for j, t in zip(*np.nonzero(~silent & (np.abs(summed) <= 1e-9 * trace)), strict=True):
-        silent[j, t] = not np.any(np.sum(x[j, :, t * w:(t + 1) * w], axis=0, dtype=np.float64))
+        silent[j, t] = not np.any(np.sum(x[j][:, t * w:(t + 1) * w], axis=0, dtype=np.float64))
     return silent
 
 
-def _frame_stats(references: np.ndarray, estimates: np.ndarray, win: int,
+def _frame_stats(references: list[np.ndarray], estimates: list[np.ndarray], win: int,
                  block: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per source and frame: reference energy, error energy, and museval's silence flag.
 
@@ -122,7 +150,7 @@ def _frame_stats(references: np.ndarray, estimates: np.ndarray, win: int,
     difference stay in cache and no fresh pages are faulted in; all reductions are dot products.
     Returns: (ref_energy (s, t), err_energy (s, t), silent (t,) = any source silent).
     """
-    nsrc, nchan, n = references.shape
+    nsrc, (nchan, n) = len(references), references[0].shape
     nwin = num_frames(n, win)
     w = min(n, nwin * win) // nwin
     ref_energy = np.empty((nsrc, nwin))
@@ -134,16 +162,17 @@ def _frame_stats(references: np.ndarray, estimates: np.ndarray, win: int,
         b1 = min(nwin, b0 + block)
         k = (b1 - b0) * w
         r, e = r_buf[..., :k], e_buf[..., :k]
-        np.copyto(r, references[..., b0 * w:b1 * w])
-        np.copyto(e, estimates[..., b0 * w:b1 * w])
+        for j in range(nsrc):
+            np.copyto(r[j], references[j][:, b0 * w:b1 * w])
+            np.copyto(e[j], estimates[j][:, b0 * w:b1 * w])
         r4, e4 = r.reshape(nsrc, nchan, -1, w), e.reshape(nsrc, nchan, -1, w)
         gram_r = np.einsum("sctw,sdtw->scdt", r4, r4)
         gram_e = np.einsum("sctw,sdtw->scdt", e4, e4)
         ref_energy[:, b0:b1] = np.einsum("scct->st", gram_r)
         np.subtract(e, r, out=e)  # e is the error from here on
         err_energy[:, b0:b1] = np.einsum("sctw,sctw->st", e4, e4)
-        quiet = _channel_sum_silent(references[..., b0 * w:b1 * w], gram_r, w)
-        quiet |= _channel_sum_silent(estimates[..., b0 * w:b1 * w], gram_e, w)
+        quiet = _channel_sum_silent([x[:, b0 * w:b1 * w] for x in references], gram_r, w)
+        quiet |= _channel_sum_silent([x[:, b0 * w:b1 * w] for x in estimates], gram_e, w)
         silent[b0:b1] = np.any(quiet, axis=0)
     return ref_energy, err_energy, silent
 
@@ -153,8 +182,8 @@ def csdr_frames(references: np.ndarray, estimates: np.ndarray,
     """Framewise SDR in dB, equal to `museval.evaluate(..., win=rate, hop=rate)[0]` (v4, images).
 
     Args:
-      references: (sources, channels, samples), e.g. [vocals, accompaniment]; any float dtype
-        (sums are float64).
+      references: (sources, channels, samples), e.g. [vocals, accompaniment] (an array, or a list
+        of (channels, samples) arrays); any float dtype (sums are float64).
       estimates: same shape.
       rate: window and hop in samples (1 s).
     Returns:

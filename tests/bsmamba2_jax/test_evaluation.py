@@ -85,7 +85,8 @@ def test_museval_option_agrees_with_fast_csdr(test_tracks, tmp_path):
 
 
 def test_shift_averaging_realigns_outputs():
-    """A pointwise model is shift-invariant, so any number of shifts must give its output."""
+    """A pointwise model is shift-invariant, so any number of shifts and any overlap-add must
+    give its output (this also checks the window normalisation of the overlap-add)."""
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -99,10 +100,10 @@ def test_shift_averaging_realigns_outputs():
     x = (0.5 * rng.standard_normal((2, 10_000))).astype(np.float32)
     params = {"params": {"g": np.float32(0.7)}}
     want = np.tanh(0.7 * x) + 0.1 * x**2
-    for shifts in (1, 3):
+    for shifts, overlap in ((1, 0.0), (3, 0.0), (2, 0.5), (1, 0.3)):
         fn = evaluation.make_separator(Pointwise(), params, segment_seconds=0.1, shifts=shifts,
-                                       rate=44100, batch_size=3)
-        np.testing.assert_allclose(fn(x), want, atol=1e-6)
+                                       overlap=overlap, rate=44100, batch_size=3)
+        np.testing.assert_allclose(fn(x), want, atol=1e-6, err_msg=f"{shifts=} {overlap=}")
     with pytest.raises(ValueError, match="shifts"):
         evaluation.make_separator(Pointwise(), params, shifts=0)
 

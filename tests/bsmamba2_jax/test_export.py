@@ -50,6 +50,13 @@ def test_export_cli_from_checkpoint_dir(tmp_path):
     _leaves_equal(params, loaded)
     assert cfg["step"] == 12
     assert tuple(cfg["model"]["band_widths"]) == tuple(config.model.band_widths)
+    # evaluate.py reads the same weights from the checkpoint directly or from the exported file.
+    from bsmamba2_jax import evaluation
+
+    for source in (workdir, out):
+        model, got = evaluation.load_model(config, source)
+        _leaves_equal(params, got)
+        assert model.band_widths == tuple(config.model.band_widths)
 
 
 def test_load_rejects_other_files(tmp_path):

@@ -50,6 +50,11 @@ def test_csdr_frames_equal_museval(seed, seconds, silences, est_silence):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     assert np.isnan(got).any() and np.isfinite(got).any()
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    # Sources given as lists of float32 arrays (no stacking) give the same frames.
+    as_lists = metrics.csdr_frames([r.astype(np.float32) for r in refs],
+                                   [e.astype(np.float32) for e in ests], rate=RATE)
+    expected32 = _museval(refs.astype(np.float32), ests.astype(np.float32))
+    np.testing.assert_allclose(as_lists, expected32, atol=1e-6, rtol=0)
     # Track score: museval's aggregate is the nanmedian over frames.
     np.testing.assert_allclose(metrics.csdr(refs, ests), np.nanmedian(expected, axis=1), atol=1e-6)
 
