@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from kernels.ssd.pallas_bwd import chunk_scan_bwd_cols, chunk_scan_bwd_rows
 from kernels.ssd.pallas_fwd import SSDBlockSizes, chunk_scan, chunk_state
@@ -55,6 +56,7 @@ class _Config(NamedTuple):
     chunk: int
     blocks: SSDBlockSizes
     interpret: bool
+    zero_init: bool  # no initial state was given
 
 
 def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -101,7 +103,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         init = jnp.zeros((b, h, P, N), f32)
     else:
         init = jnp.pad(initial_states.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)])
-    y, final = _ssd_core(_Config(chunk, blocks, bool(interpret)), xp, dtp, cs, Bp, Cp, init)
+    cfg = _Config(chunk, blocks, bool(interpret), initial_states is None)
+    y, final = _ssd_core(cfg, xp, dtp, cs, Bp, Cp, init)
     return y[:, :l, :, :p], final[:, :, :p, :n]
 
 
@@ -165,12 +168,22 @@ def _ssd_core(cfg: _Config, x, dt, cs, B, C, init):
 
 
 def _core_fwd(cfg: _Config, x, dt, cs, B, C, init):
-    states, final = _states(cfg, x, dt, cs, B, init)
-    y = chunk_scan(x, B, C, dt, cs, states, chunk=cfg.chunk, blocks=cfg.blocks,
-                   interpret=cfg.interpret)
+    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=cfg.interpret)
+    if cfg.zero_init and x.shape[1] == cfg.chunk:
+        # One chunk and no initial state: nothing enters the chunk, the kernel reads no state
+        # (the BSMamba2 band axis: a zero state per sequence would be 4x the bytes of x).
+        final = chunk_state(x, B, dt, cs, to_end=True, **kw)[:, 0]
+        states = None
+    else:
+        states, final = _states(cfg, x, dt, cs, B, init)
+    y = chunk_scan(x, B, C, dt, cs, states, **kw)
     # Residuals are the inputs only: the states are recomputed in the backward (they are as
     # large as x in bf16, per layer).
     return (y, final), (x, dt, cs, B, C, init)
+
+
+def _core_fwd_rule(cfg: _Config, *primals):
+    return _core_fwd(cfg, *(primal.value for primal in primals))
 
 
 def _core_bwd(cfg: _Config, residuals, cotangents):
@@ -181,11 +194,30 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
     chunk = cfg.chunk
     c = L // chunk
     kw = dict(chunk=chunk, blocks=cfg.blocks, interpret=cfg.interpret)
-    states, _ = _states(cfg, x, dt, cs, B, init)
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(x.shape, x.dtype)
     dy = dy.astype(x.dtype)  # matmul operand dtype, like the forward
-    out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+    zero_final = isinstance(d_final, SymbolicZero)  # the final state was not used
     decay = _chunk_decay(cs, chunk)
-    s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final.astype(f32))
+    if c == 1:
+        # No passing between chunks: skip the zero states and state gradients altogether.
+        states = None if cfg.zero_init else init[:, None]
+        s_grads = None if zero_final else d_final[:, None]
+        if states is None or s_grads is None:
+            d_decay = jnp.zeros((b, h, 1), f32)
+        else:
+            d_decay = jnp.sum(init * d_final, axis=(-2, -1))[..., None]
+        if cfg.zero_init:
+            d_init = jnp.zeros_like(init)
+        else:
+            d_init = chunk_state(dy, C, dt, cs, to_end=False, **kw)[:, 0]
+            if not zero_final:
+                d_init = d_init + decay[..., 0, None, None] * d_final
+    else:
+        states, _ = _states(cfg, x, dt, cs, B, init)
+        out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+        d_final = jnp.zeros_like(init) if zero_final else d_final.astype(f32)
+        s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
     dc_heads, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
     dx, db_heads, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
 
@@ -200,4 +232,5 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
             fold(dc_heads).astype(C.dtype), d_init)
 
 
-_ssd_core.defvjp(_core_fwd, _core_bwd)
+# symbolic_zeros: the backward learns which outputs were unused (a dropped final state).
+_ssd_core.defvjp(_core_fwd_rule, _core_bwd, symbolic_zeros=True)

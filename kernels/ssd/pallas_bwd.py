@@ -32,8 +32,9 @@ from kernels.ssd.pallas_fwd import SSDBlockSizes, compiler_params, decay_block, 
 f32 = jnp.float32
 
 
-def _rows_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, state_ref, dy_ref, dc_ref, dcs_ref, *,
-                 block_m: int, interpret: bool):
+def _rows_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int, with_state: bool,
+                 interpret: bool):
+    state_ref, dy_ref, dc_ref, dcs_ref = refs if with_state else (None, *refs)
     it = pl.program_id(3)
     t0 = it * block_m
     rows = pl.ds(t0, block_m)
@@ -41,11 +42,15 @@ def _rows_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, state_ref, dy_ref, dc_ref,
     dy_t = dy_ref[rows, :]  # (bm, P), matmul dtype
     cs_t = cs_ref[rows]
     mm = c_t.dtype
-    state = state_ref[...].astype(mm)  # (P, N)
-    out_decay = jnp.exp(cs_t)
-    dc = dot(dy_t, state, interpret=interpret) * out_decay[:, None]  # (bm, N)
-    y_off = dot(c_t, state, trans_b=True, interpret=interpret)  # (bm, P)
-    dcs = out_decay * jnp.sum(dy_t.astype(f32) * y_off, axis=1)
+    if with_state:  # the state-to-output term exp(cs_t) C_t H^T
+        state = state_ref[...].astype(mm)  # (P, N)
+        out_decay = jnp.exp(cs_t)
+        dc = dot(dy_t, state, interpret=interpret) * out_decay[:, None]  # (bm, N)
+        y_off = dot(c_t, state, trans_b=True, interpret=interpret)  # (bm, P)
+        dcs = out_decay * jnp.sum(dy_t.astype(f32) * y_off, axis=1)
+    else:
+        dc = jnp.zeros(dc_ref.shape, f32)
+        dcs = jnp.zeros(dcs_ref.shape, f32)
 
     def body(k, carry):
         dc, dcs = carry
@@ -63,8 +68,12 @@ def _rows_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, state_ref, dy_ref, dc_ref,
     dcs_ref[...] = dcs
 
 
-def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, sgrad_ref, dy_ref, dx_ref, db_ref,
-                 ddt_intra_ref, ddt_state_ref, *, block_m: int, n_blocks: int, interpret: bool):
+def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int, n_blocks: int,
+                 with_state: bool, interpret: bool):
+    if with_state:
+        sgrad_ref, dy_ref, dx_ref, db_ref, ddt_intra_ref, ddt_state_ref = refs
+    else:
+        sgrad_ref, (dy_ref, dx_ref, db_ref, ddt_intra_ref, ddt_state_ref) = None, refs
     is_ = pl.program_id(3)
     s0 = is_ * block_m
     cols = pl.ds(s0, block_m)
@@ -73,14 +82,6 @@ def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, sgrad_ref, dy_ref, dx_ref,
     cs_s = cs_ref[cols]
     dt_s = dt_ref[cols]
     mm = b_s.dtype
-    chunk = cs_ref.shape[0]
-    to_end = jnp.exp(cs_ref[pl.ds(chunk - 1, 1)] - cs_s)  # (bm,)
-    sgrad = sgrad_ref[...].astype(mm)  # (P, N)
-    # The chunk-state path: S = sum_s to_end_s dt_s x_s^T B_s.
-    dx_state = dot(b_s, sgrad, trans_b=True, interpret=interpret) * to_end[:, None]  # (bm, P)
-    db = dot(x_s, sgrad, interpret=interpret) * (to_end * dt_s)[:, None]  # (bm, N)
-    dx_intra = jnp.zeros_like(dx_state)
-    ddt_intra = jnp.zeros_like(dt_s)
 
     def body(k, carry):
         dx_intra, db, ddt_intra = carry
@@ -99,21 +100,33 @@ def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, sgrad_ref, dy_ref, dx_ref,
         return dx_intra, db, ddt_intra
 
     # Anti-causal: only row blocks from the diagonal down.
-    dx_intra, db, ddt_intra = lax.fori_loop(is_, n_blocks, body, (dx_intra, db, ddt_intra))
-    dx_ref[...] = dt_s[:, None] * (dx_intra + dx_state)
-    db_ref[...] = db
+    init = (jnp.zeros(dx_ref.shape, f32), jnp.zeros(db_ref.shape, f32), jnp.zeros_like(dt_s))
+    dx_intra, db, ddt_intra = lax.fori_loop(is_, n_blocks, body, init)
     ddt_intra_ref[...] = ddt_intra
-    ddt_state_ref[...] = jnp.sum(x_s.astype(f32) * dx_state, axis=1)
+    if with_state:
+        # The chunk-state path, S = sum_s to_end_s dt_s x_s^T B_s (after the loop: fewer
+        # registers live in it).
+        chunk = cs_ref.shape[0]
+        to_end = jnp.exp(cs_ref[pl.ds(chunk - 1, 1)] - cs_s)  # (bm,)
+        sgrad = sgrad_ref[...].astype(mm)  # (P, N)
+        dx_state = dot(b_s, sgrad, trans_b=True, interpret=interpret) * to_end[:, None]
+        db = db + dot(x_s, sgrad, interpret=interpret) * (to_end * dt_s)[:, None]
+        dx_ref[...] = dt_s[:, None] * (dx_intra + dx_state)
+        ddt_state_ref[...] = jnp.sum(x_s.astype(f32) * dx_state, axis=1)
+    else:
+        dx_ref[...] = dt_s[:, None] * dx_intra
+        ddt_state_ref[...] = jnp.zeros_like(dt_s)
+    db_ref[...] = db
 
 
-def _specs(chunk: int, P: int, N: int, j: int):
+def _specs(chunk: int, P: int, N: int, j: int, with_state: bool):
     chunk_spec = lambda d, heads: pl.BlockSpec(
         (None, chunk, None, d), lambda ib, ic, ih, it: (ib, ic, ih // heads, 0))
     vec_spec = pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, it: (ib, ih, ic))
     state_spec = pl.BlockSpec((None, None, None, P, N), lambda ib, ic, ih, it: (ib, ic, ih, 0, 0))
-    # x, B, C, dt, cs, state (or its gradient), dy
-    return [chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec, state_spec,
-            chunk_spec(P, 1)]
+    # x, B, C, dt, cs, [state or its gradient], dy
+    return [chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec,
+            *([state_spec] if with_state else []), chunk_spec(P, 1)]
 
 
 def chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, *, chunk: int, blocks: SSDBlockSizes,
@@ -122,7 +135,7 @@ def chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, *, chunk: int, blocks: SSDB
 
     Args:
       x, dy: (b, L, h, P) matmul dtype. B, C: (b, L, g, N). dt, cs: (b, h, L) float32.
-      states: (b, c, h, P, N) float32, the states entering the chunks.
+      states: (b, c, h, P, N) float32, the states entering the chunks; None when all are zero.
     Returns:
       dC per head (b, L, h, N) float32; dcs row part (b, h, L) float32.
     """
@@ -130,11 +143,13 @@ def chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, *, chunk: int, blocks: SSDB
     g, N = B.shape[2], B.shape[3]
     bm = blocks.block_m
     nb = chunk // bm
-    kernel = functools.partial(_rows_kernel, block_m=bm, interpret=interpret)
+    with_state = states is not None
+    kernel = functools.partial(_rows_kernel, block_m=bm, with_state=with_state,
+                               interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(b, L // chunk, h, nb),
-        in_specs=_specs(chunk, P, N, h // g),
+        in_specs=_specs(chunk, P, N, h // g, with_state),
         out_specs=[
             pl.BlockSpec((None, bm, None, N), lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0)),
             pl.BlockSpec((None, None, bm), lambda ib, ic, ih, it: (ib, ih, ic * nb + it)),
@@ -144,7 +159,7 @@ def chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, *, chunk: int, blocks: SSDB
         compiler_params=compiler_params(blocks.num_warps_scan, blocks.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan_bwd_rows",
-    )(x, B, C, dt, cs, states, dy)
+    )(x, B, C, dt, cs, *([states] if with_state else []), dy)
 
 
 def chunk_scan_bwd_cols(x, B, C, dt, cs, state_grads, dy, *, chunk: int, blocks: SSDBlockSizes,
@@ -153,7 +168,8 @@ def chunk_scan_bwd_cols(x, B, C, dt, cs, state_grads, dy, *, chunk: int, blocks:
 
     Args:
       as `chunk_scan_bwd_rows`, with state_grads (b, c, h, P, N) float32 the gradient of each
-      chunk's own state contribution S_c (= the gradient of the state leaving the chunk).
+      chunk's own state contribution S_c (= the gradient of the state leaving the chunk), or
+      None when all are zero.
     Returns:
       dx (b, L, h, P) float32, dB per head (b, L, h, N) float32, and the direct dt gradient's
       intra-chunk and chunk-state parts, each (b, h, L) float32.
@@ -162,14 +178,16 @@ def chunk_scan_bwd_cols(x, B, C, dt, cs, state_grads, dy, *, chunk: int, blocks:
     g, N = B.shape[2], B.shape[3]
     bm = blocks.block_m
     nb = chunk // bm
-    kernel = functools.partial(_cols_kernel, block_m=bm, n_blocks=nb, interpret=interpret)
+    with_state = state_grads is not None
+    kernel = functools.partial(_cols_kernel, block_m=bm, n_blocks=nb, with_state=with_state,
+                               interpret=interpret)
     row_out = lambda d: pl.BlockSpec((None, bm, None, d),
                                      lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0))
     vec_out = pl.BlockSpec((None, None, bm), lambda ib, ic, ih, it: (ib, ih, ic * nb + it))
     return pl.pallas_call(
         kernel,
         grid=(b, L // chunk, h, nb),
-        in_specs=_specs(chunk, P, N, h // g),
+        in_specs=_specs(chunk, P, N, h // g, with_state),
         out_specs=[row_out(P), row_out(N), vec_out, vec_out],
         out_shape=[jax.ShapeDtypeStruct((b, L, h, P), f32),
                    jax.ShapeDtypeStruct((b, L, h, N), f32),
@@ -178,4 +196,4 @@ def chunk_scan_bwd_cols(x, B, C, dt, cs, state_grads, dy, *, chunk: int, blocks:
         compiler_params=compiler_params(blocks.num_warps_scan, blocks.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan_bwd_cols",
-    )(x, B, C, dt, cs, state_grads, dy)
+    )(x, B, C, dt, cs, *([state_grads] if with_state else []), dy)

@@ -166,18 +166,21 @@ def chunk_state(u: jax.Array, v: jax.Array, dt: jax.Array, cs: jax.Array, *, chu
 
 # --- chunk scan (outputs) ------------------------------------------------------------------------
 
-def _chunk_scan_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, state_ref, y_ref, *, block_m: int,
-                       interpret: bool):
+def _chunk_scan_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int,
+                       with_state: bool, interpret: bool):
     """y rows [t0, t0 + bm) of one chunk and head: state-to-output plus intra-chunk sum."""
+    state_ref, y_ref = refs if with_state else (None, *refs)
     it = pl.program_id(3)
     t0 = it * block_m
     rows = pl.ds(t0, block_m)
     c_t = c_ref[rows, :]  # (bm, N)
     cs_t = cs_ref[rows]  # (bm,)
     mm = c_t.dtype
-    # State -> output: exp(cs_t) C_t H^T, H the state entering the chunk.
-    acc = dot(c_t, state_ref[...].astype(mm), trans_b=True, interpret=interpret)
-    acc = acc * jnp.exp(cs_t)[:, None]  # (bm, P)
+    if with_state:  # state -> output: exp(cs_t) C_t H^T, H the state entering the chunk
+        acc = dot(c_t, state_ref[...].astype(mm), trans_b=True, interpret=interpret)
+        acc = acc * jnp.exp(cs_t)[:, None]  # (bm, P)
+    else:
+        acc = jnp.zeros(y_ref.shape, f32)
 
     def body(k, acc):
         s0 = k * block_m
@@ -192,13 +195,14 @@ def _chunk_scan_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, state_ref, y_ref, *,
 
 
 def chunk_scan(x: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, cs: jax.Array,
-               states: jax.Array, *, chunk: int, blocks: SSDBlockSizes,
+               states: jax.Array | None, *, chunk: int, blocks: SSDBlockSizes,
                interpret: bool) -> jax.Array:
     """Outputs of every chunk given the states entering them.
 
     Args:
       x: (b, L, h, P). B, C: (b, L, g, N). dt, cs: (b, h, L) float32.
-      states: (b, c, h, P, N) float32, the state entering each chunk.
+      states: (b, c, h, P, N) float32, the state entering each chunk; None when all are zero
+        (one chunk, no initial state: the kernel then reads no state at all).
     Returns:
       y (b, L, h, P) float32.
     """
@@ -211,18 +215,22 @@ def chunk_scan(x: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, cs: jax.
     chunk_spec = lambda d, heads: pl.BlockSpec(
         (None, chunk, None, d), lambda ib, ic, ih, it: (ib, ic, ih // heads, 0))
     vec_spec = pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, it: (ib, ih, ic))
-    kernel = functools.partial(_chunk_scan_kernel, block_m=bm, interpret=interpret)
+    in_specs = [chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec]
+    operands = [x, B, C, dt, cs]
+    if states is not None:
+        in_specs.append(pl.BlockSpec((None, None, None, P, N),
+                                     lambda ib, ic, ih, it: (ib, ic, ih, 0, 0)))
+        operands.append(states)
+    kernel = functools.partial(_chunk_scan_kernel, block_m=bm, with_state=states is not None,
+                               interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(b, c, h, nb),
-        in_specs=[
-            chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec,
-            pl.BlockSpec((None, None, None, P, N), lambda ib, ic, ih, it: (ib, ic, ih, 0, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bm, None, P),
                                lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0)),
         out_shape=jax.ShapeDtypeStruct((b, L, h, P), f32),
         compiler_params=compiler_params(blocks.num_warps_scan, blocks.num_stages),
         interpret=interpret,
         name="ssd_chunk_scan",
-    )(x, B, C, dt, cs, states)
+    )(*operands)
