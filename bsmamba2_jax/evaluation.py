@@ -177,10 +177,10 @@ def score_track(mixture: np.ndarray, vocals: np.ndarray, accompaniment: np.ndarr
     leakage, silent = metrics.silent_leakage(vocals, estimate, mixture, rate)
     return {
         "usdr": metrics.usdr(vocals, estimate),
-        "csdr": float(track_csdr[0]),
+        "csdr": _json_float(track_csdr[0]),  # None when every frame is NaN (silent vocals)
         "usdr_accompaniment": metrics.usdr(accompaniment, est_acc),
-        "csdr_accompaniment": float(track_csdr[1]),
-        "leakage_db": leakage,
+        "csdr_accompaniment": _json_float(track_csdr[1]),
+        "leakage_db": _json_float(leakage),  # None without vocal-silent frames
         "silent_seconds": silent * 1.0,
         "seconds": vocals.shape[-1] / rate,
         "csdr_frames": [_json_float(v) for v in frames[0]],
@@ -195,7 +195,10 @@ def museval_scores(mixture: np.ndarray, vocals: np.ndarray, accompaniment: np.nd
 
     refs = np.stack([vocals, accompaniment]).transpose(0, 2, 1).astype(np.float64)
     ests = np.stack([estimate, mixture - estimate]).transpose(0, 2, 1).astype(np.float64)
-    sdr, isr, sir, sar = museval.evaluate(refs, ests, win=rate, hop=rate)
+    try:
+        sdr, isr, sir, sar = museval.evaluate(refs, ests, win=rate, hop=rate)
+    except ValueError as e:  # museval refuses a source that is silent over the whole track
+        return {"error": str(e)}
     out: dict[str, Any] = {}
     for i, target in enumerate(("vocals", "accompaniment")):
         out[target] = {name: [_json_float(v) for v in values[i]]
@@ -256,15 +259,16 @@ def evaluate_tracks(separate_fn: SeparateFn, tracks: Iterable[Any], out_dir: str
             full = museval_scores(audio["mixture"], audio["vocals"], audio["accompaniment"],
                                   estimate, rate)
             museval_path.write_text(json.dumps(full))
-            result.update({f"museval_{k.lower()}": v
-                           for k, v in full["vocals"]["median"].items()})
+            if "vocals" in full:
+                result.update({f"museval_{k.lower()}": v
+                               for k, v in full["vocals"]["median"].items()})
         if save_audio:
             write_audio(out_dir / "audio" / name / "vocals.wav", estimate, rate)
             write_audio(out_dir / "audio" / name / "accompaniment.wav",
                         audio["mixture"] - estimate, rate)
         path.write_text(json.dumps(result))
         results.append(result)
-        bar.set_postfix(usdr=f"{result['usdr']:.2f}", csdr=f"{result['csdr']:.2f}")
+        bar.set_postfix(usdr=f"{result['usdr']:.2f}", csdr=f"{_from_json(result['csdr']):.2f}")
     write_reports(results, out_dir)
     return results
 

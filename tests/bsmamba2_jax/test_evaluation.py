@@ -52,8 +52,8 @@ def test_evaluate_tracks_scores_reports_and_skip(test_tracks, tmp_path):
         assert r["usdr"] == pytest.approx(metrics.usdr(voc, est), abs=1e-9)
         frames = metrics.csdr_frames(np.stack([voc, acc]), np.stack([est, mix - est]))
         assert r["csdr"] == pytest.approx(float(np.nanmedian(frames[0])), abs=1e-9)
-        assert r["leakage_db"] == pytest.approx(metrics.silent_leakage(voc, est, mix)[0],
-                                                nan_ok=True)
+        leak = metrics.silent_leakage(voc, est, mix)[0]
+        assert np.isfinite(leak) and r["leakage_db"] == pytest.approx(leak)
         np.testing.assert_array_equal(_read(tmp_path / "audio" / r["name"] / "vocals.wav"), est)
         assert json.loads((tmp_path / "tracks" / f"{r['name']}.json").read_text())["usdr"] \
             == r["usdr"]
@@ -201,3 +201,19 @@ def test_plots_cli_writes_figure(synthetic_root, tmp_path):
                        "--start", "1", "--duration", "3", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.main(["--track", str(track), "--start", "999", "-o", str(out)]) == 1
+
+
+def test_score_track_without_vocals():
+    """A track with no vocals at all: cSDR undefined (all frames NaN), leakage over the whole
+    track, and the summary leaves the undefined cSDR out instead of failing."""
+    rng = np.random.default_rng(2)
+    acc = (0.3 * rng.standard_normal((2, 3 * 44100))).astype(np.float32)
+    vocals = np.zeros_like(acc)
+    est = 0.1 * acc
+    r = evaluation.score_track(acc, vocals, acc, est)
+    assert r["csdr"] is None and r["csdr_accompaniment"] is None  # museval: any silent source
+    assert r["silent_seconds"] == 3
+    assert r["leakage_db"] == pytest.approx(20 * np.log10(0.1), abs=1e-6)
+    summary = evaluation.summarize([{"name": "a", **r}, {"name": "b", **r, "csdr": 5.0}])
+    assert summary["csdr"] == 5.0 and summary["stats"]["csdr"]["n"] == 1
+    json.dumps(r, allow_nan=False)  # strict JSON: undefined scores are null
