@@ -35,7 +35,7 @@ f32 = jnp.float32
 def _rows_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int, with_state: bool,
                  interpret: bool):
     state_ref, dy_ref, dc_ref, dcs_ref = refs if with_state else (None, *refs)
-    it = pl.program_id(3)
+    it = pl.program_id(0)
     t0 = it * block_m
     rows = pl.ds(t0, block_m)
     c_t = c_ref[rows, :]  # (bm, N)
@@ -74,7 +74,7 @@ def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int, n_blo
         sgrad_ref, dy_ref, dx_ref, db_ref, ddt_intra_ref, ddt_state_ref = refs
     else:
         sgrad_ref, (dy_ref, dx_ref, db_ref, ddt_intra_ref, ddt_state_ref) = None, refs
-    is_ = pl.program_id(3)
+    is_ = pl.program_id(0)
     s0 = is_ * block_m
     cols = pl.ds(s0, block_m)
     b_s = b_ref[cols, :]  # (bm, N)
@@ -121,9 +121,9 @@ def _cols_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int, n_blo
 
 def _specs(chunk: int, P: int, N: int, j: int, with_state: bool):
     chunk_spec = lambda d, heads: pl.BlockSpec(
-        (None, chunk, None, d), lambda ib, ic, ih, it: (ib, ic, ih // heads, 0))
-    vec_spec = pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, it: (ib, ih, ic))
-    state_spec = pl.BlockSpec((None, None, None, P, N), lambda ib, ic, ih, it: (ib, ic, ih, 0, 0))
+        (None, chunk, None, d), lambda it, ih, ic, ib: (ib, ic, ih // heads, 0))
+    vec_spec = pl.BlockSpec((None, None, chunk), lambda it, ih, ic, ib: (ib, ih, ic))
+    state_spec = pl.BlockSpec((None, None, None, P, N), lambda it, ih, ic, ib: (ib, ic, ih, 0, 0))
     # x, B, C, dt, cs, [state or its gradient], dy
     return [chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec,
             *([state_spec] if with_state else []), chunk_spec(P, 1)]
@@ -148,11 +148,11 @@ def chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, *, chunk: int, blocks: SSDB
                                interpret=interpret)
     return pl.pallas_call(
         kernel,
-        grid=(b, L // chunk, h, nb),
+        grid=(nb, h, L // chunk, b),
         in_specs=_specs(chunk, P, N, h // g, with_state),
         out_specs=[
-            pl.BlockSpec((None, bm, None, N), lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0)),
-            pl.BlockSpec((None, None, bm), lambda ib, ic, ih, it: (ib, ih, ic * nb + it)),
+            pl.BlockSpec((None, bm, None, N), lambda it, ih, ic, ib: (ib, ic * nb + it, ih, 0)),
+            pl.BlockSpec((None, None, bm), lambda it, ih, ic, ib: (ib, ih, ic * nb + it)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, L, h, N), f32),
                    jax.ShapeDtypeStruct((b, h, L), f32)],
@@ -182,11 +182,11 @@ def chunk_scan_bwd_cols(x, B, C, dt, cs, state_grads, dy, *, chunk: int, blocks:
     kernel = functools.partial(_cols_kernel, block_m=bm, n_blocks=nb, with_state=with_state,
                                interpret=interpret)
     row_out = lambda d: pl.BlockSpec((None, bm, None, d),
-                                     lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0))
-    vec_out = pl.BlockSpec((None, None, bm), lambda ib, ic, ih, it: (ib, ih, ic * nb + it))
+                                     lambda it, ih, ic, ib: (ib, ic * nb + it, ih, 0))
+    vec_out = pl.BlockSpec((None, None, bm), lambda it, ih, ic, ib: (ib, ih, ic * nb + it))
     return pl.pallas_call(
         kernel,
-        grid=(b, L // chunk, h, nb),
+        grid=(nb, h, L // chunk, b),
         in_specs=_specs(chunk, P, N, h // g, with_state),
         out_specs=[row_out(P), row_out(N), vec_out, vec_out],
         out_shape=[jax.ShapeDtypeStruct((b, L, h, P), f32),

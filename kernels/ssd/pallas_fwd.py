@@ -12,6 +12,10 @@ t/s output/input positions in a chunk.
   or w = exp(cs) (the state gradient that the outputs send back in the backward).
 - `chunk_scan`: one (b, c, h, row block): y_t = exp(cs_t) C_t H_c^T (state-to-output) plus
   sum_{s <= t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s (intra-chunk), fused in one accumulator.
+
+Every grid runs (tile, head, chunk, batch), the first fastest (Pallas-Triton folds the leading
+dims into CUDA's x axis): programs launched together share a chunk's x rows and its group's B, C
+in L2, instead of streaming the same tiles once per batch entry.
 """
 
 from __future__ import annotations
@@ -148,15 +152,15 @@ def chunk_state(u: jax.Array, v: jax.Array, dt: jax.Array, cs: jax.Array, *, chu
                                interpret=interpret)
     return pl.pallas_call(
         kernel,
-        grid=(b, c, h, P // bp),
+        grid=(P // bp, h, c, b),
         in_specs=[
-            pl.BlockSpec((None, chunk, None, bp), lambda ib, ic, ih, ip: (ib, ic, ih, ip)),
-            pl.BlockSpec((None, chunk, None, N), lambda ib, ic, ih, ip: (ib, ic, ih // j, 0)),
-            pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, ip: (ib, ih, ic)),
-            pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, ip: (ib, ih, ic)),
+            pl.BlockSpec((None, chunk, None, bp), lambda ip, ih, ic, ib: (ib, ic, ih, ip)),
+            pl.BlockSpec((None, chunk, None, N), lambda ip, ih, ic, ib: (ib, ic, ih // j, 0)),
+            pl.BlockSpec((None, None, chunk), lambda ip, ih, ic, ib: (ib, ih, ic)),
+            pl.BlockSpec((None, None, chunk), lambda ip, ih, ic, ib: (ib, ih, ic)),
         ],
         out_specs=pl.BlockSpec((None, None, None, bp, N),
-                               lambda ib, ic, ih, ip: (ib, ic, ih, ip, 0)),
+                               lambda ip, ih, ic, ib: (ib, ic, ih, ip, 0)),
         out_shape=jax.ShapeDtypeStruct((b, c, h, P, N), f32),
         compiler_params=compiler_params(blocks.num_warps_state, blocks.num_stages),
         interpret=interpret,
@@ -170,7 +174,7 @@ def _chunk_scan_kernel(x_ref, b_ref, c_ref, dt_ref, cs_ref, *refs, block_m: int,
                        with_state: bool, interpret: bool):
     """y rows [t0, t0 + bm) of one chunk and head: state-to-output plus intra-chunk sum."""
     state_ref, y_ref = refs if with_state else (None, *refs)
-    it = pl.program_id(3)
+    it = pl.program_id(0)
     t0 = it * block_m
     rows = pl.ds(t0, block_m)
     c_t = c_ref[rows, :]  # (bm, N)
@@ -213,22 +217,22 @@ def chunk_scan(x: jax.Array, B: jax.Array, C: jax.Array, dt: jax.Array, cs: jax.
     bm = blocks.block_m
     nb = chunk // bm
     chunk_spec = lambda d, heads: pl.BlockSpec(
-        (None, chunk, None, d), lambda ib, ic, ih, it: (ib, ic, ih // heads, 0))
-    vec_spec = pl.BlockSpec((None, None, chunk), lambda ib, ic, ih, it: (ib, ih, ic))
+        (None, chunk, None, d), lambda it, ih, ic, ib: (ib, ic, ih // heads, 0))
+    vec_spec = pl.BlockSpec((None, None, chunk), lambda it, ih, ic, ib: (ib, ih, ic))
     in_specs = [chunk_spec(P, 1), chunk_spec(N, j), chunk_spec(N, j), vec_spec, vec_spec]
     operands = [x, B, C, dt, cs]
     if states is not None:
         in_specs.append(pl.BlockSpec((None, None, None, P, N),
-                                     lambda ib, ic, ih, it: (ib, ic, ih, 0, 0)))
+                                     lambda it, ih, ic, ib: (ib, ic, ih, 0, 0)))
         operands.append(states)
     kernel = functools.partial(_chunk_scan_kernel, block_m=bm, with_state=states is not None,
                                interpret=interpret)
     return pl.pallas_call(
         kernel,
-        grid=(b, c, h, nb),
+        grid=(nb, h, c, b),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bm, None, P),
-                               lambda ib, ic, ih, it: (ib, ic * nb + it, ih, 0)),
+                               lambda it, ih, ic, ib: (ib, ic * nb + it, ih, 0)),
         out_shape=jax.ShapeDtypeStruct((b, L, h, P), f32),
         compiler_params=compiler_params(blocks.num_warps_scan, blocks.num_stages),
         interpret=interpret,
