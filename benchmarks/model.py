@@ -1,0 +1,194 @@
+"""Forward speed of the paper BSMamba2 on one 8 s stereo segment, against the machine's matmul rate.
+
+    python benchmarks/model.py [--seconds 8] [--repeats 2] [--dtype float32] [--breakdown]
+
+Prints a table: compile time, forward time, real-time factor (seconds of compute per second of
+audio), forward FLOPs (XLA's cost analysis of the compiled forward, and counted from the model's
+matmuls), achieved GFLOP/s and the float32 matmul rate measured in the same run. On a CPU the
+forward runs with float32 compute (`--dtype float32`): bf16 matmuls are emulated on most CPUs and
+would measure the emulation, not the model. `--breakdown` also times the parts of one dual-path
+layer (time-pass block, its SSD, band-pass block) to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsmamba2_jax.audio import num_frames
+from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config
+from bsmamba2_jax.model import BSMamba2, resolve_dtype
+from configs.bsmamba2 import get_config
+from kernels.ssd import mamba_chunk_scan
+
+SR = 44100
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn(*args) (already compiled), in seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 (n, n) @ (n, n) rate in GFLOP/s (best of `repeats`)."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n), np.float32))
+    b = jnp.asarray(rng.standard_normal((n, n), np.float32))
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    return 2 * n ** 3 / best_time(f, a, b, repeats=repeats) / 1e9
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs reported by XLA's cost analysis of a compiled computation (nan if unavailable)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def ssd_flops(seqs: int, length: int, chunk: int, h: int, p: int, g: int, n: int) -> float:
+    """Matmul FLOPs of the chunked SSD (kernels/ssd/xla.py), padding included."""
+    q = min(chunk, length)
+    lp = seqs * -(-length // q) * q  # padded tokens
+    return 2.0 * lp * q * (g * n + h * p) + 4.0 * lp * h * p * n
+
+
+def counted_flops(m, samples: int, batch: int = 1) -> dict[str, float]:
+    """Matmul/conv FLOPs (multiply-add = 2) of one forward, by part; elementwise ops left out."""
+    t = num_frames(samples, m.hop_length)
+    k, d = len(m.band_widths), m.dim
+    f4 = 4 * sum(m.band_widths)
+    e = m.expand * d
+    h = e // m.headdim
+    gn = m.ngroups * m.d_state
+
+    def mixer(tokens: int, seqs: int, length: int, chunk: int) -> tuple[float, float]:
+        proj = 2.0 * tokens * d * (2 * e + 2 * gn + h) + 2.0 * tokens * e * d
+        proj += 2.0 * tokens * m.d_conv * (e + 2 * gn)
+        return proj, ssd_flops(seqs, length, chunk, h, m.headdim, m.ngroups, m.d_state)
+
+    tokens = batch * t * k
+    tp, ts = mixer(tokens, batch * k, t, m.chunk_size)
+    bp, bs = mixer(tokens, batch * t, k, m.band_chunk_size)
+    merge = 2.0 * tokens * 2 * d * d
+    fft = 2 * batch * 2 * t * 2.5 * m.n_fft * np.log2(m.n_fft)  # rfft + irfft, ~2.5 N log N
+    return {
+        "stft+istft": fft,
+        "band split": 2.0 * batch * t * f4 * d,
+        "mixer projections+conv": m.depth * 2 * (tp + bp),
+        "SSD (time pass)": m.depth * 2 * ts,
+        "SSD (band pass)": m.depth * 2 * bs,
+        "block merge": m.depth * 2 * merge,
+        "mask estimator": 2.0 * tokens * d * m.mask_hidden_mult * d
+        + 2.0 * batch * t * m.mask_hidden_mult * d * 2 * f4,
+    }
+
+
+def breakdown(m: BSMamba2, samples: int, repeats: int) -> list[tuple[str, float]]:
+    """Times the parts of one dual-path layer on the shapes of the full forward."""
+    dtype = resolve_dtype(m.dtype)
+    t, k, d = num_frames(samples, m.hop_length), len(m.band_widths), m.dim
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, seqs, length, chunk in [("time-pass block", k, t, m.chunk_size),
+                                      ("band-pass block", t, k, m.band_chunk_size)]:
+        cfg = Mamba2Config(d_model=d, expand=m.expand, d_state=m.d_state, headdim=m.headdim,
+                           ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=chunk,
+                           ssd_impl=m.ssd_impl, dtype=dtype)
+        block = BiMamba2Block(cfg)
+        u = jnp.asarray(rng.standard_normal((seqs, length, d), np.float32))
+        params = jax.jit(block.init)(jax.random.key(0), u)
+        f = jax.jit(block.apply)
+        jax.block_until_ready(f(params, u))
+        rows.append((f"{name} ({m.depth} per forward)", best_time(f, params, u,
+                                                                   repeats=repeats)))
+        e = m.expand * d
+        h = e // m.headdim
+        x = jnp.asarray(rng.standard_normal((seqs, length, h, m.headdim), np.float32), dtype)
+        dt = jnp.asarray(rng.uniform(-4, 0, (seqs, length, h)), jnp.float32)
+        A = -jnp.asarray(rng.uniform(1, 16, (h,)), jnp.float32)
+        B = jnp.asarray(rng.standard_normal((seqs, length, m.ngroups, m.d_state)), dtype)
+        ssd = jax.jit(lambda x, dt, A, B, C, q=chunk: mamba_chunk_scan(
+            x, dt, A, B, C, q, dt_softplus=True, impl=m.ssd_impl))
+        jax.block_until_ready(ssd(x, dt, A, B, B))
+        rows.append(("  its SSD, one direction (2 per block)",
+                     best_time(ssd, x, dt, A, B, B, repeats=repeats)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="segment length")
+    ap.add_argument("--repeats", type=int, default=2, help="timed forward runs (best is kept)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of matmuls/convs")
+    ap.add_argument("--ssd-impl", default="xla", help="SSD implementation")
+    ap.add_argument("--breakdown", action="store_true", help="also time one layer's parts")
+    args = ap.parse_args()
+
+    cfg = get_config().model
+    cfg.dtype = args.dtype
+    cfg.ssd_impl = args.ssd_impl
+    model = BSMamba2(**cfg)
+    samples = int(round(args.seconds * SR))
+    rng = np.random.default_rng(0)
+    audio = jnp.asarray(0.1 * rng.standard_normal((1, 2, samples)).astype(np.float32))
+
+    mm_before = matmul_gflops()
+    params = jax.jit(model.init)(jax.random.key(0), audio[..., :SR])  # params: length-free
+    t0 = time.perf_counter()
+    compiled = jax.jit(model.apply).lower(params, audio).compile()
+    compile_s = time.perf_counter() - t0
+    flops_xla = xla_flops(compiled)
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, audio))  # first run: allocations, page faults
+    first_s = time.perf_counter() - t0
+    fwd_s = min(first_s, best_time(compiled, params, audio, repeats=args.repeats))
+    mm_after = matmul_gflops()
+    mm = max(mm_before, mm_after)
+    parts = counted_flops(model, samples)
+    flops_counted = sum(parts.values())
+
+    print(f"# BSMamba2 paper config forward, {args.seconds:g} s stereo, batch 1, "
+          f"dtype={args.dtype}, ssd_impl={args.ssd_impl}")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    rows = [
+        ("compile time", f"{compile_s:.1f} s"),
+        ("forward time (best)", f"{fwd_s:.2f} s"),
+        ("real-time factor", f"{fwd_s / args.seconds:.3f} s per s of audio"),
+        ("FLOPs, XLA cost analysis", f"{flops_xla / 1e9:.0f} GFLOP"),
+        ("FLOPs, counted (matmuls)", f"{flops_counted / 1e9:.0f} GFLOP"),
+        ("achieved (XLA FLOPs)", f"{flops_xla / fwd_s / 1e9:.1f} GFLOP/s"),
+        ("achieved (counted FLOPs)", f"{flops_counted / fwd_s / 1e9:.1f} GFLOP/s"),
+        ("f32 matmul 2048^3 before/after", f"{mm_before:.1f} / {mm_after:.1f} GFLOP/s"),
+        ("achieved / matmul rate", f"{flops_counted / fwd_s / 1e9 / mm:.0%} (counted), "
+                                   f"{flops_xla / fwd_s / 1e9 / mm:.0%} (XLA)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value}")
+    print("\n| part | GFLOP | share")
+    for name, f in parts.items():
+        print(f"| {name:<{width}} | {f / 1e9:8.1f} | {f / flops_counted:.0%}")
+    if args.breakdown:
+        print("\n| one layer's part (same shapes) | best time")
+        for name, s in breakdown(model, samples, args.repeats):
+            print(f"| {name:<38} | {s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
