@@ -316,8 +316,9 @@ def summarize(results: list[dict]) -> dict[str, Any]:
 
     Non-finite track scores (e.g. a track whose frames are all NaN) are left out of the statistics.
     """
-    stats = {k: _stats([r.get(k) for r in results])
-             for k in ("usdr", "csdr", "usdr_accompaniment", "csdr_accompaniment", "leakage_db")}
+    keys = ["usdr", "csdr", "usdr_accompaniment", "csdr_accompaniment", "leakage_db"]
+    keys += sorted({k for r in results for k in r if k.startswith("museval_")})  # --museval
+    stats = {k: _stats([r.get(k) for r in results]) for k in keys}
     return {
         "tracks": len(results),
         "usdr": stats["usdr"]["mean"],  # paper: mean over tracks
