@@ -190,7 +190,6 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
     x, dt, cs, B, C, init = residuals
     dy, d_final = cotangents
     b, L, h, P = x.shape
-    g, N = B.shape[2], B.shape[3]
     chunk = cfg.chunk
     c = L // chunk
     kw = dict(chunk=chunk, blocks=cfg.blocks, interpret=cfg.interpret)
@@ -218,8 +217,8 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
         out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
         d_final = jnp.zeros_like(init) if zero_final else d_final.astype(f32)
         s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
-    dc_heads, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
-    dx, db_heads, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
+    dc, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
+    dx, db, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
 
     ddt = ddt_intra + ddt_state
     # cs_s enters every term through exp(... - cs_s) dt_s: its column part is -dt_s ddt_s.
@@ -227,9 +226,7 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
     # cs_last enters S_c through exp(cs_last - cs_s) and the passing through exp(cs_last).
     last = jnp.sum((dt * ddt_state).reshape(b, h, c, chunk), axis=-1) + decay * d_decay
     dcs = dcs.at[..., chunk - 1].add(last).reshape(b, h, L)
-    fold = lambda t: t.reshape(b, L, g, h // g, N).sum(axis=3)
-    return (dx.astype(x.dtype), ddt, dcs, fold(db_heads).astype(B.dtype),
-            fold(dc_heads).astype(C.dtype), d_init)
+    return dx.astype(x.dtype), ddt, dcs, db.astype(B.dtype), dc.astype(C.dtype), d_init
 
 
 # symbolic_zeros: the backward learns which outputs were unused (a dropped final state).

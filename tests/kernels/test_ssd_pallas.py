@@ -228,6 +228,7 @@ def _triton_kernels(module_text: str) -> list[str]:
     ((4005, 62, 16, 64, 1, 128, 64), jnp.float32, True, True),
     ((2, 7, 4, 5, 2, 6, 16), jnp.float32, True, True),
     ((3, 50, 6, 12, 3, 10, 24), jnp.bfloat16, False, True),
+    ((1, 20, 3, 8, 1, 8, 16), jnp.bfloat16, True, True),  # 3 heads per group (not a power of 2)
     ((1, 1, 1, 1, 1, 1, 8), jnp.float32, False, False),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_kernels_lower_for_cuda(shape, dtype, with_init, use_final):
