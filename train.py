@@ -13,6 +13,7 @@ Multi-process (one process per host or per GPU): pass --coordinator_address, --n
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging as std_logging
 import os
 import signal
@@ -188,7 +189,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         stop.restore()
         writer.close()
         checkpointer.close()  # waits for pending saves and raises if one failed
+    if jax.process_count() > 1:  # replicas must agree; compare these lines across processes
+        logging.info("process %d params digest %s", jax.process_index(), params_digest(state))
     return val_metrics
+
+
+def params_digest(state) -> str:
+    """SHA-256 of this process's copy of the replicated params (fsdp-split leaves skipped)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state.params):
+        if leaf.sharding.is_fully_replicated:
+            digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
+    return digest.hexdigest()
 
 
 def quiet_orbax_logs() -> None:

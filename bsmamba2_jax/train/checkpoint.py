@@ -111,15 +111,24 @@ class Checkpointer:
 
         `data_iter` is set to the saved position in place. Returns None when there is nothing
         to resume from. An unreadable step (e.g. hand-copied, truncated) is skipped with a warning.
+        A checkpoint written by a different number of processes restores the model and optimizer
+        but not the data position (Grain keeps one iterator state per process): the data stream
+        restarts, with a warning.
         """
         rest, ema = _split(abstract_state)
+        own_iter_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         for step in sorted(self.latest.all_steps(), reverse=True):
+            items = {"train_state": ocp.args.StandardRestore(rest),
+                     "ema_params": ocp.args.StandardRestore(ema)}
+            step_dir = Path(self.latest.directory) / str(step)
+            if (step_dir / "data_iter" / own_iter_file).exists():
+                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:
+                logging.warning("Checkpoint step %d has no data iterator state for %s (written by "
+                                "another process count?): the data stream restarts", step,
+                                own_iter_file)
             try:
-                restored = self.latest.restore(step, args=ocp.args.Composite(
-                    train_state=ocp.args.StandardRestore(rest),
-                    ema_params=ocp.args.StandardRestore(ema),
-                    data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-                ))
+                restored = self.latest.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 logging.warning("Skipping unreadable checkpoint step %d: %s", step, e)
                 continue
