@@ -32,6 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from kernels.ssd.pallas_bwd import chunk_scan_bwd_cols, chunk_scan_bwd_rows
 from kernels.ssd.pallas_fwd import SSDBlockSizes, chunk_scan, chunk_state
+from kernels.ssd.pallas_passing import state_passing_bwd, state_passing_fwd
 from kernels.ssd.xla import ssd_xla
 
 __all__ = ["SSDBlockSizes", "kernel_dims", "ssd_pallas", "ssd_pallas_reference"]
@@ -57,6 +58,7 @@ class _Config(NamedTuple):
     blocks: SSDBlockSizes
     interpret: bool
     zero_init: bool  # no initial state was given
+    fused_passing: bool  # chunk states and passing in one kernel (`kernels.ssd.pallas_passing`)
 
 
 def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -103,7 +105,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         init = jnp.zeros((b, h, P, N), f32)
     else:
         init = jnp.pad(initial_states.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)])
-    cfg = _Config(chunk, blocks, bool(interpret), initial_states is None)
+    fused = b * h * (P // blocks.block_p) >= blocks.fused_passing_min_programs
+    cfg = _Config(chunk, blocks, bool(interpret), initial_states is None, fused)
     y, final = _ssd_core(cfg, xp, dtp, cs, Bp, Cp, init)
     return y[:, :l, :, :p], final[:, :, :p, :n]
 
@@ -156,6 +159,8 @@ def _pass_state_grads(out_grads: jax.Array, states: jax.Array, decay: jax.Array,
 
 def _states(cfg: _Config, x, dt, cs, B, init):
     kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=cfg.interpret)
+    if cfg.fused_passing:
+        return state_passing_fwd(x, B, dt, cs, None if cfg.zero_init else init, **kw)
     chunk_states = chunk_state(x, B, dt, cs, to_end=True, **kw)
     return _pass_states(chunk_states, _chunk_decay(cs, cfg.chunk), init)
 
@@ -214,9 +219,13 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
                 d_init = d_init + decay[..., 0, None, None] * d_final
     else:
         states, _ = _states(cfg, x, dt, cs, B, init)
-        out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
-        d_final = jnp.zeros_like(init) if zero_final else d_final.astype(f32)
-        s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
+        if cfg.fused_passing:
+            s_grads, d_decay, d_init = state_passing_bwd(
+                dy, C, cs, states, None if zero_final else d_final.astype(f32), **kw)
+        else:
+            out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+            d_final = jnp.zeros_like(init) if zero_final else d_final.astype(f32)
+            s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
     dc, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
     dx, db, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
 

@@ -41,6 +41,9 @@ class SSDBlockSizes:
     num_warps_*, num_stages: Triton launch parameters of the state kernels (forward chunk states
       and the backward's output-state gradient) and of the scan kernels (forward output and the
       two backward kernels).
+    fused_passing_min_programs: fuse the chunk states with the inter-chunk passing (one program
+      walks all chunks of a (p-block, head, sequence): fewer bytes, less parallelism) when there
+      are at least this many such programs; else per-chunk kernels and a lax.scan.
     """
 
     block_m: int = 64
@@ -48,6 +51,7 @@ class SSDBlockSizes:
     num_warps_state: int = 4
     num_warps_scan: int = 4
     num_stages: int = 2
+    fused_passing_min_programs: int = 512  # ~4 programs per SM of an H100 (132 SMs)
 
     @classmethod
     def default(cls, headdim: int, dstate: int, chunk: int) -> SSDBlockSizes:

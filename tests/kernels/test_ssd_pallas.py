@@ -7,6 +7,7 @@ exercise the kernel code itself; on a GPU the same tests run the compiled kernel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -90,14 +91,31 @@ def test_gradients_match_float64_adjoint_and_xla(shape):
         assert rel_err(grads[name], grads_xla[name]) < GRAD_TOL, name
 
 
+@pytest.fixture
+def fused_passing(request, monkeypatch):
+    """Forces the fused chunk-state/passing kernels (True) or the per-chunk ones (False)."""
+    default = SSDBlockSizes.default
+
+    def forced(*args):
+        return dataclasses.replace(default(*args),
+                                   fused_passing_min_programs=0 if request.param else 2**62)
+
+    monkeypatch.setattr(SSDBlockSizes, "default", forced)
+    return request.param
+
+
 @pytest.mark.parametrize("seqlen", [13, 40], ids=["one_chunk", "three_chunks"])
 @pytest.mark.parametrize("with_init", [False, True], ids=["no_init", "init"])
 @pytest.mark.parametrize("use_final", [False, True], ids=["final_dropped", "final_used"])
-def test_zero_state_shortcuts(seqlen, with_init, use_final):
+@pytest.mark.parametrize("fused_passing", [False, True], ids=["scan", "fused"], indirect=True)
+def test_zero_state_shortcuts(seqlen, with_init, use_final, fused_passing):
     """No initial state and/or an unused final state (its cotangent a symbolic zero): with one
-    chunk the kernels then skip the zero states; values and gradients stay exact."""
-    if seqlen == 40 and with_init and use_final:
+    chunk the kernels then skip the zero states; values and gradients stay exact. Both ways of
+    passing states between chunks."""
+    if seqlen == 40 and with_init and use_final and not fused_passing:
         pytest.skip("the general path: covered by the gradient test above")
+    if seqlen == 13 and fused_passing and not with_init:
+        pytest.skip("one chunk without an initial state passes nothing")
     b, l, h, p, g, n, chunk = 2, seqlen, 2, 6, 1, 5, 16
     rng, inputs = _inputs(hash(("zero", seqlen, with_init, use_final)) % 2**32,
                           (b, l, h, p, g, n, chunk), "all")
@@ -233,16 +251,23 @@ def _triton_kernels(module_text: str) -> list[str]:
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_kernels_lower_for_cuda(shape, dtype, with_init, use_final):
     fwd, bwd = _lower_for_cuda(*shape, dtype, with_init, use_final)
-    assert _triton_kernels(fwd) == ["ssd_chunk_scan", "ssd_chunk_state"]
-    chunk = kernel_dims(shape[1], shape[3], shape[5], shape[6])[0]
-    expected = ["ssd_chunk_scan", "ssd_chunk_scan_bwd_cols", "ssd_chunk_scan_bwd_rows"]
-    if shape[1] > chunk:  # several chunks: the backward recomputes the states, passes gradients
-        expected += ["ssd_output_state_grad"]
+    b, l, h, p, g, n, chunk_size = shape
+    chunk, P, N = kernel_dims(l, p, n, chunk_size)
+    blocks = SSDBlockSizes.default(P, N, chunk)
+    fused = b * h * (P // blocks.block_p) >= blocks.fused_passing_min_programs
+    several = l > chunk
+    if several or with_init:
+        states = "ssd_state_passing" if fused else "ssd_chunk_state"
+    else:  # one chunk, nothing enters it: chunk states only for the final state
+        states = "ssd_chunk_state"
+    assert _triton_kernels(fwd) == sorted(["ssd_chunk_scan", states])
+    backward = ["ssd_chunk_scan_bwd_rows", "ssd_chunk_scan_bwd_cols"]
+    if several:  # recompute the states, pass the gradients back
+        backward += [states, "ssd_state_passing_bwd" if fused else "ssd_output_state_grad"]
     elif with_init:  # one chunk: only the initial state's gradient needs the output-state pass
-        expected += ["ssd_output_state_grad"]
+        backward += ["ssd_output_state_grad"]
+    expected = sorted(["ssd_chunk_scan", states, *backward])
     names = _triton_kernels(bwd)
-    assert [k for k in names if k != "ssd_chunk_state"] == sorted(expected)
-    # The forward's chunk states (+1) may be dropped as dead code when the final state is unused
-    # and nothing is passed between chunks.
-    recomputed = names.count("ssd_chunk_state") - 1
-    assert recomputed == (1 if shape[1] > chunk else 0) or (not use_final and recomputed == -1)
+    # With one chunk and the final state unused, its chunk-state kernel is dead code.
+    dropped = sorted(["ssd_chunk_scan", *backward])
+    assert names == expected or (not use_final and not several and names == dropped)
