@@ -5,12 +5,16 @@ Same four steps as `kernels.ssd.xla` (read its docstring for the algebra), arran
   forward   chunk_state   S_c = sum_s exp(cs_last - cs_s) dt_s x_s^T B_s       (decay fused)
             state passing H_{c+1} = exp(cs_last,c) H_c + S_c                   (lax.scan, c steps)
             chunk_scan    y_t = exp(cs_t) C_t H_c^T + sum_{s<=t} (C_t.B_s) e^{cs_t-cs_s} dt_s x_s
-  backward  recompute H_c (chunk_state + scan), then
+  backward  recompute H_c (as in the forward), then
             chunk_state   Y_c = sum_t exp(cs_t) dy_t^T C_t       (what the outputs send to H_c)
             reverse scan  G_c = dL/dH_{c+1}; dL/dH_c = Y_c + exp(cs_last,c) G_c; G_c = dL/dS_c
             bwd_rows      dC, the row part of dcs               (grid over row blocks)
             bwd_cols      dx, dB, the direct dt gradient        (grid over column blocks)
 
+When batch x heads gives enough programs (`SSDBlockSizes.fused_passing_min_programs`), the chunk
+states and the passing are one kernel each way (`kernels.ssd.pallas_passing`): the S_c and Y_c
+never reach memory. With one chunk and no initial state nothing is passed, and the kernels read
+no state at all; an unused final state (a symbolic-zero cotangent) is not sent back either.
 The within-chunk cumulative sum cs of dt*A is computed in JAX outside the custom_vjp, so JAX
 differentiates it (the reverse cumsum that turns dcs into dA and the rest of ddt). Padding is
 also outside: the sequence goes to a multiple of the chunk with dt = 0 (decay 1, no input: exact),
