@@ -40,7 +40,7 @@ def capture_kernels(shape, dtype, block_m: int | None, with_init: bool):
 
     b, l, h, p, g, n, chunk = shape
     q, P, N = kernel_dims(l, p, n, chunk)
-    blocks = SSDBlockSizes.default(P, N, q)
+    blocks = SSDBlockSizes.default(P, N, q, jnp.dtype(dtype).itemsize)
     if block_m is not None:  # the default's warp rule, for the chosen tile
         blocks = dataclasses.replace(blocks, block_m=block_m,
                                      num_warps_scan=8 if block_m * max(P, N) >= 8192 else 4)

@@ -76,7 +76,7 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         float32). A: (h,). B, C: (b, l, g, n), h % g == 0.
       chunk_size: chunk length; rounded up to a power of two >= 16 for the kernels.
       initial_states: (b, h, p, n) or None (zeros).
-      block_sizes: tiles and launch parameters; default `SSDBlockSizes.default(P, N, Q)`.
+      block_sizes: tiles and launch parameters; default `SSDBlockSizes.default(P, N, Q, itemsize)`.
       interpret: run the kernels in the Pallas interpreter; default: when the default JAX
         backend is not a GPU.
     Returns:
@@ -87,13 +87,13 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
     if h % g:
         raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
     chunk, P, N = kernel_dims(l, p, n, chunk_size)
-    blocks = block_sizes or SSDBlockSizes.default(P, N, chunk)
-    blocks.check(P, N, chunk)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     mm = jnp.result_type(x.dtype, B.dtype, C.dtype)
     if mm not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"x, B, C must be float32, bfloat16 or float16, got {mm}; cast them")
+    blocks = block_sizes or SSDBlockSizes.default(P, N, chunk, jnp.dtype(mm).itemsize)
+    blocks.check(P, N, chunk)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
     c = -(-l // chunk)
     L = c * chunk
 

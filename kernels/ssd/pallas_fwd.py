@@ -54,9 +54,12 @@ class SSDBlockSizes:
     fused_passing_min_programs: int = 512  # ~4 programs per SM of an H100 (132 SMs)
 
     @classmethod
-    def default(cls, headdim: int, dstate: int, chunk: int) -> SSDBlockSizes:
-        """Defaults for padded (P, N, Q): 64-row tiles, 8 warps once a tile's f32 accumulators
-        pass 8K elements (more warps keep the registers per thread under ~128)."""
+    def default(cls, headdim: int, dstate: int, chunk: int, itemsize: int = 2) -> SSDBlockSizes:
+        """Defaults for padded (P, N, Q) and the matmul operands' itemsize: 64-row tiles, 8 warps
+        once a tile's f32 accumulators pass 8K elements (more warps keep the registers per
+        thread under ~128), loads double-buffered for 16-bit operands; for float32 single-
+        buffered (double-buffered float32 tiles took ~209 KiB of an H100's 227 KiB of shared
+        memory in the backward)."""
         block_m = min(chunk, 64)
         block_p = min(headdim, 64)
         state_elems = block_p * dstate
@@ -64,7 +67,7 @@ class SSDBlockSizes:
         return cls(block_m=block_m, block_p=block_p,
                    num_warps_state=8 if state_elems >= 8192 else 4,
                    num_warps_scan=8 if scan_elems >= 8192 else 4,
-                   num_stages=2)
+                   num_stages=2 if itemsize <= 2 else 1)
 
     def check(self, headdim: int, dstate: int, chunk: int) -> None:
         """ValueError unless the tiles fit the padded dims (P, N, Q)."""
