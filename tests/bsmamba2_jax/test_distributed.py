@@ -58,7 +58,7 @@ def test_two_processes_equal_one(tmp_path, synthetic_root, compile_cache):
     assert {d[0] for d in digests} == {"0", "1"}
     assert digests[0][1] == digests[1][1]
     # Each wrote its own data-iterator state.
-    assert sorted(p.name for p in (multi / "checkpoints/3/data_iter").iterdir()) == [
+    assert sorted(p.name for p in (multi / "checkpoints/3/data_iter").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
     # Same global batches (examples 0..3, split 0,2 | 1,3 between processes) -> same training.
