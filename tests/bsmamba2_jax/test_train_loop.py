@@ -73,6 +73,10 @@ def test_stop_and_resume_is_bit_identical(tmp_path, synthetic_root, compile_cach
     log = train(resumed, synthetic_root, 6, compile_cache)
     assert "Resuming at step 3" in log
 
+    # The straight run saved step 3 asynchronously while training went on with donated
+    # buffers: that checkpoint must still equal the one the stopped run wrote at its end.
+    assert_trees_equal(restore_numpy(straight / "checkpoints" / "3", "train_state"),
+                       restore_numpy(resumed / "checkpoints" / "3", "train_state"))
     a = restore_numpy(straight / "checkpoints" / "6", "train_state")
     b = restore_numpy(resumed / "checkpoints" / "6", "train_state")
     assert int(a["step"]) == int(b["step"]) == 6
