@@ -28,7 +28,9 @@ def get_model_config(variant: str = "") -> ml_collections.ConfigDict:
     m.headdim = 64  # P, SSD head size; heads = expand * dim / headdim
     m.ngroups = 1  # B/C groups shared by heads
     m.d_conv = 4  # depthwise causal conv kernel
-    m.chunk_size = 256  # SSD chunk along time (sequences of ~801 frames for 8 s)
+    # SSD chunk along time (sequences of ~801 frames for 8 s). A cost knob only: the output is the
+    # same for any chunk; 256 is mamba_ssm's default, 128 costs ~10% less CPU time ("xla" impl).
+    m.chunk_size = 256
     m.band_chunk_size = 64  # SSD chunk along bands: sequences are only 62 long
     m.mask_hidden_mult = 4  # mask estimator hidden size = mult * dim
     m.ssd_impl = "xla"  # "xla" (chunked, pure JAX), "scan" (reference) or "pallas" (GPU kernel)
