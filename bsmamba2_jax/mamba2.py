@@ -115,65 +115,6 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array) -> j
     return y
 
 
-class Mamba2(nn.Module):
-    """The Mamba2 mixer of mamba_ssm 2.2.2 (`Mamba2`, rmsnorm=True, no dt limit).
-
-    in_proj -> split (z, xBC, dt) -> depthwise causal conv + SiLU on xBC -> split (x, B, C)
-    -> SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D x -> RMSNorm(y * silu(z))
-    -> out_proj.
-    """
-
-    d_model: int  # d, input/output features
-    expand: int = 2  # e = expand * d_model
-    d_state: int = 128  # n
-    headdim: int = 64  # p; heads h = e / p
-    ngroups: int = 1  # g, B/C groups
-    d_conv: int = 4  # depthwise conv kernel
-    chunk_size: int = 256  # SSD chunk length
-    ssd_impl: str = "xla"  # "xla", "scan" or "pallas" (kernels.ssd)
-    dtype: Dtype = jnp.float32  # matmul / conv compute dtype
-    param_dtype: Dtype = jnp.float32  # parameter storage dtype
-
-    @nn.compact
-    def __call__(self, u: jax.Array) -> jax.Array:
-        """u (b, l, d) -> (b, l, d) in `dtype`."""
-        b, l, d = u.shape
-        e = self.expand * self.d_model
-        if e % self.headdim:
-            raise ValueError(f"d_inner={e} must be a multiple of headdim={self.headdim}")
-        h, p, g, n = e // self.headdim, self.headdim, self.ngroups, self.d_state
-        if h % g:
-            raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
-        conv_dim = e + 2 * g * n
-
-        zxbcdt = nn.Dense(2 * e + 2 * g * n + h, use_bias=False, dtype=self.dtype,
-                          param_dtype=self.param_dtype, kernel_init=torch_kernel_init,
-                          name="in_proj")(u)  # (b, l, 2e + 2gn + h)
-        z, xbc, dt = jnp.split(zxbcdt, [e, e + conv_dim], axis=-1)
-
-        # Depthwise: torch's fan_in is d_conv (one input channel per group).
-        conv_w = self.param("conv_weight", torch_bias_init(self.d_conv),
-                            (self.d_conv, conv_dim), self.param_dtype)
-        conv_b = self.param("conv_bias", torch_bias_init(self.d_conv), (conv_dim,),
-                            self.param_dtype)
-        xbc = jax.nn.silu(causal_depthwise_conv(xbc.astype(self.dtype), conv_w, conv_b))
-        x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)
-
-        dt_bias = self.param("dt_bias", dt_bias_init(), (h,), self.param_dtype)
-        A_log = self.param("A_log", a_log_init(), (h,), self.param_dtype)
-        D = self.param("D", nn.initializers.ones, (h,), self.param_dtype)
-        A = -jnp.exp(A_log.astype(jnp.float32))  # (h,) float32
-
-        y = mamba_chunk_scan(x.reshape(b, l, h, p), dt.astype(jnp.float32), A,
-                             B.reshape(b, l, g, n), C.reshape(b, l, g, n), self.chunk_size,
-                             D=D.astype(jnp.float32), dt_bias=dt_bias.astype(jnp.float32),
-                             dt_softplus=True, impl=self.ssd_impl)  # (b, l, h, p)
-        y = GatedRMSNorm(group_size=e // g, param_dtype=self.param_dtype,
-                         name="norm")(y.reshape(b, l, e), z)
-        return nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=torch_kernel_init, name="out_proj")(y)
-
-
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
     """Hyper-parameters of one Mamba2 mixer (hashable, so modules can hold it)."""
@@ -187,6 +128,58 @@ class Mamba2Config:
     chunk_size: int = 256  # SSD chunk length
     ssd_impl: str = "xla"  # "xla", "scan" or "pallas"
     dtype: Dtype = jnp.float32  # matmul / conv compute dtype
+
+
+class Mamba2(nn.Module):
+    """The Mamba2 mixer of mamba_ssm 2.2.2 (`Mamba2`, rmsnorm=True, no dt limit).
+
+    in_proj -> split (z, xBC, dt) -> depthwise causal conv + SiLU on xBC -> split (x, B, C)
+    -> SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D x -> RMSNorm(y * silu(z))
+    -> out_proj.
+    """
+
+    config: Mamba2Config  # sizes, SSD impl and compute dtype
+    param_dtype: Dtype = jnp.float32  # parameter storage dtype
+
+    @nn.compact
+    def __call__(self, u: jax.Array) -> jax.Array:
+        """u (b, l, d) -> (b, l, d) in `config.dtype`."""
+        b, l, d = u.shape
+        c = self.config
+        e = c.expand * c.d_model
+        if e % c.headdim:
+            raise ValueError(f"d_inner={e} must be a multiple of headdim={c.headdim}")
+        h, p, g, n = e // c.headdim, c.headdim, c.ngroups, c.d_state
+        if h % g:
+            raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
+        conv_dim = e + 2 * g * n
+
+        zxbcdt = nn.Dense(2 * e + 2 * g * n + h, use_bias=False, dtype=c.dtype,
+                          param_dtype=self.param_dtype, kernel_init=torch_kernel_init,
+                          name="in_proj")(u)  # (b, l, 2e + 2gn + h)
+        z, xbc, dt = jnp.split(zxbcdt, [e, e + conv_dim], axis=-1)
+
+        # Depthwise: torch's fan_in is d_conv (one input channel per group).
+        conv_w = self.param("conv_weight", torch_bias_init(c.d_conv),
+                            (c.d_conv, conv_dim), self.param_dtype)
+        conv_b = self.param("conv_bias", torch_bias_init(c.d_conv), (conv_dim,),
+                            self.param_dtype)
+        xbc = jax.nn.silu(causal_depthwise_conv(xbc.astype(c.dtype), conv_w, conv_b))
+        x, B, C = jnp.split(xbc, [e, e + g * n], axis=-1)
+
+        dt_bias = self.param("dt_bias", dt_bias_init(), (h,), self.param_dtype)
+        A_log = self.param("A_log", a_log_init(), (h,), self.param_dtype)
+        D = self.param("D", nn.initializers.ones, (h,), self.param_dtype)
+        A = -jnp.exp(A_log.astype(jnp.float32))  # (h,) float32
+
+        y = mamba_chunk_scan(x.reshape(b, l, h, p), dt.astype(jnp.float32), A,
+                             B.reshape(b, l, g, n), C.reshape(b, l, g, n), c.chunk_size,
+                             D=D.astype(jnp.float32), dt_bias=dt_bias.astype(jnp.float32),
+                             dt_softplus=True, impl=c.ssd_impl)  # (b, l, h, p)
+        y = GatedRMSNorm(group_size=e // g, param_dtype=self.param_dtype,
+                         name="norm")(y.reshape(b, l, e), z)
+        return nn.Dense(d, use_bias=False, dtype=c.dtype, param_dtype=self.param_dtype,
+                        kernel_init=torch_kernel_init, name="out_proj")(y)
 
 
 class DirectionalMamba2(nn.Module):
@@ -205,8 +198,7 @@ class DirectionalMamba2(nn.Module):
         """u (b, l, d) -> (b, l, d) float32."""
         v = jnp.flip(u, axis=1) if self.reverse else u
         v = v.astype(jnp.float32)
-        mixer = Mamba2(**dataclasses.asdict(self.mixer), param_dtype=self.param_dtype,
-                       name="mixer")
+        mixer = Mamba2(self.mixer, param_dtype=self.param_dtype, name="mixer")
         out = v + mixer(RMSNorm(param_dtype=self.param_dtype, name="norm")(v)).astype(jnp.float32)
         return jnp.flip(out, axis=1) if self.reverse else out
 

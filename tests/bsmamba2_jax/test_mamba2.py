@@ -79,7 +79,7 @@ def test_mixer_matches_float64_reference(impl):
     rng = np.random.default_rng(0)
     cfg = dataclasses.replace(CFG, ssd_impl=impl)
     u = rng.standard_normal((2, 21, cfg.d_model)).astype(np.float32)
-    mixer = Mamba2(**dataclasses.asdict(cfg))
+    mixer = Mamba2(cfg)
     params = _perturb_params(mixer.init(jax.random.key(1), u)["params"], rng)
     got = np.asarray(mixer.apply({"params": params}, u))
     want = mixer_reference(params, u.astype(np.float64), cfg)
@@ -87,7 +87,7 @@ def test_mixer_matches_float64_reference(impl):
 
 
 def test_mixer_init_follows_mamba_ssm():
-    mixer = Mamba2(**dataclasses.asdict(dataclasses.replace(CFG, expand=8, headdim=2)))
+    mixer = Mamba2(dataclasses.replace(CFG, expand=8, headdim=2))
     params = mixer.init(jax.random.key(0), jnp.ones((1, 4, 16)))["params"]
     h = 8 * 16 // 2
     A = np.exp(np.asarray(params["A_log"]))
@@ -152,8 +152,8 @@ def test_block_sees_both_directions_and_keeps_residual():
 def test_bf16_mixer_is_finite_and_close_to_float32():
     rng = np.random.default_rng(7)
     u = rng.standard_normal((2, 40, CFG.d_model)).astype(np.float32)
-    f32 = Mamba2(**dataclasses.asdict(CFG))
-    bf16 = Mamba2(**dataclasses.asdict(dataclasses.replace(CFG, dtype=jnp.bfloat16)))
+    f32 = Mamba2(CFG)
+    bf16 = Mamba2(dataclasses.replace(CFG, dtype=jnp.bfloat16))
     params = f32.init(jax.random.key(8), u)
     y32 = np.asarray(f32.apply(params, u))
     y16 = bf16.apply(params, u)
