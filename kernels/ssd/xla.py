@@ -34,6 +34,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Rows of the intra-chunk quadratic form handled together. Row block i only needs columns up to
+# its own end, so blocks skip the all-zero upper triangle: 10/16 of the work at Q = 256.
+_ROW_BLOCK = 64
+
+
+def _intra_chunk_rows(cb: jax.Array, dA_cs: jax.Array, xdt: jax.Array, start: int,
+                      stop: int) -> jax.Array:
+    """Rows [start, stop) of the intra-chunk output, from columns [0, stop).
+
+    cb (b, c, g, q, q) float32; dA_cs (b, c, g, j, q); xdt (b, c, g, j, q, p) (dt-scaled x).
+    Returns (b, c, g, j, stop - start, p) float32.
+    """
+    causal = jnp.tril(jnp.ones((stop - start, stop), bool), k=start)
+    cb = cb[..., start:stop, :stop] * causal  # the causal mask, once per group, not per head
+    seg = dA_cs[..., start:stop, None] - dA_cs[..., None, :stop]  # (b, c, g, j, rows, cols)
+    # Capping the masked-out upper triangle at 0 keeps its exp from overflowing (it is then
+    # multiplied by the zeroed cb). A min against a constant, not where(causal, seg, -inf):
+    # XLA:CPU does not vectorise that select, which made it ~4x slower here.
+    cap = jnp.where(causal, jnp.inf, 0.0)
+    scores = cb[:, :, :, None] * jnp.exp(jnp.minimum(seg, cap))
+    return jnp.einsum("bcgjqs,bcgjsp->bcgjqp", scores.astype(xdt.dtype), xdt[..., :stop, :],
+                      preferred_element_type=jnp.float32)
+
 
 def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
             chunk_size: int, initial_states: jax.Array | None = None
@@ -78,16 +101,9 @@ def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
 
     # 1. Intra-chunk: scores = (C_q . B_s) exp(cs_q - cs_s) dt_s, lower-triangular in (q, s).
     cb = jnp.einsum("bcqgn,bcsgn->bcgqs", C, B, preferred_element_type=f32)  # (b, c, g, q, s)
-    causal = jnp.tril(jnp.ones((q, q), bool))
-    cb = cb * causal  # the causal mask, applied once per group rather than per head
-    seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # (b, c, g, j, q, s)
-    # Capping the masked-out upper triangle at 0 keeps its exp from overflowing (it is then
-    # multiplied by the zeroed cb). A min against a constant, not where(causal, seg, -inf):
-    # XLA:CPU does not vectorise that select, which made it ~4x slower here.
-    cap = jnp.where(causal, jnp.inf, 0.0)
-    scores = cb[:, :, :, None] * jnp.exp(jnp.minimum(seg, cap))  # (b, c, g, j, q, s)
-    y = jnp.einsum("bcgjqs,bcgjsp->bcgjqp", scores.astype(mm_dtype), xdt.astype(mm_dtype),
-                   preferred_element_type=f32)
+    y = jnp.concatenate([
+        _intra_chunk_rows(cb, dA_cs, xdt.astype(mm_dtype), start, min(start + _ROW_BLOCK, q))
+        for start in range(0, q, _ROW_BLOCK)], axis=-2)  # (b, c, g, j, q, p)
 
     # 2. Chunk states: what each chunk adds to the state by its end.
     to_end = jnp.exp(dA_cs[..., -1:] - dA_cs)  # (b, c, g, j, q)
