@@ -31,6 +31,8 @@ heads per group), p head dim, n state dim.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -43,19 +45,62 @@ def _intra_chunk_rows(cb: jax.Array, dA_cs: jax.Array, xdt: jax.Array, start: in
                       stop: int) -> jax.Array:
     """Rows [start, stop) of the intra-chunk output, from columns [0, stop).
 
-    cb (b, c, g, q, q) float32; dA_cs (b, c, g, j, q); xdt (b, c, g, j, q, p) (dt-scaled x).
-    Returns (b, c, g, j, stop - start, p) float32.
+    cb (k, g, q, q) float32; dA_cs (k, g, j, q); xdt (k, g, j, q, p) (dt-scaled x), for k chunks.
+    Returns (k, g, j, stop - start, p) float32.
     """
     causal = jnp.tril(jnp.ones((stop - start, stop), bool), k=start)
     cb = cb[..., start:stop, :stop] * causal  # the causal mask, once per group, not per head
-    seg = dA_cs[..., start:stop, None] - dA_cs[..., None, :stop]  # (b, c, g, j, rows, cols)
+    seg = dA_cs[..., start:stop, None] - dA_cs[..., None, :stop]  # (k, g, j, rows, cols)
     # Capping the masked-out upper triangle at 0 keeps its exp from overflowing (it is then
     # multiplied by the zeroed cb). A min against a constant, not where(causal, seg, -inf):
     # XLA:CPU does not vectorise that select, which made it ~4x slower here.
     cap = jnp.where(causal, jnp.inf, 0.0)
-    scores = cb[:, :, :, None] * jnp.exp(jnp.minimum(seg, cap))
-    return jnp.einsum("bcgjqs,bcgjsp->bcgjqp", scores.astype(xdt.dtype), xdt[..., :stop, :],
+    scores = cb[:, :, None] * jnp.exp(jnp.minimum(seg, cap))
+    return jnp.einsum("kgjqs,kgjsp->kgjqp", scores.astype(xdt.dtype), xdt[..., :stop, :],
                       preferred_element_type=jnp.float32)
+
+
+def _chunk_local(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Steps 1 and 2 for a stack of k chunks, each on its own.
+
+    Head-major layouts (.., g, j, q, .) make every contraction a batched matmul over contiguous
+    (q, .) tiles. Args: x (k, g, j, q, p); dt (k, g, j, q) float32; B, C (k, q, g, n);
+    A (g, j, 1) float32. Returns the intra-chunk output y (k, g, j, q, p) float32, the chunk
+    states (k, g, j, p, n) float32 and the within-chunk cumsum of dt*A (k, g, j, q).
+    """
+    q = x.shape[3]
+    f32 = jnp.float32
+    # associative_scan, not cumsum: XLA:CPU lowers cumsum to a reduce-window that made it the
+    # costliest op of the forward pass here (measured ~25 ms of CPU time at l=2048).
+    dA_cs = jax.lax.associative_scan(jnp.add, dt * A, axis=-1)  # (k, g, j, q)
+    # dt scales inputs, not scores: a (q, p) multiply instead of a per-head (q, s) one.
+    xdt = x.astype(f32) * dt[..., None]  # (k, g, j, q, p)
+
+    # 1. Intra-chunk: scores = (C_q . B_s) exp(cs_q - cs_s) dt_s, lower-triangular in (q, s).
+    cb = jnp.einsum("kqgn,ksgn->kgqs", C, B, preferred_element_type=f32)  # (k, g, q, s)
+    y = jnp.concatenate([
+        _intra_chunk_rows(cb, dA_cs, xdt.astype(x.dtype), start, min(start + _ROW_BLOCK, q))
+        for start in range(0, q, _ROW_BLOCK)], axis=-2)  # (k, g, j, q, p)
+
+    # 2. Chunk states: what each chunk adds to the state by its end.
+    to_end = jnp.exp(dA_cs[..., -1:] - dA_cs)  # (k, g, j, q)
+    xw = (xdt * to_end[..., None]).astype(x.dtype)
+    chunk_states = jnp.einsum("kgjqp,kqgn->kgjpn", xw, B,
+                              preferred_element_type=f32)  # (k, g, j, p, n)
+    return y, chunk_states, dA_cs
+
+
+# Bytes of (q, s) float32 scores per step on the CPU: about half the L2 cache of this class of
+# machine. Accelerators take every chunk in one step (a loop would serialise them).
+_CPU_STEP_SCORE_BYTES = 1 << 23
+
+
+def chunks_per_step(num_chunks: int, nheads: int, q: int) -> int:
+    """How many chunks steps 1-2 process at a time: all of them except on the CPU."""
+    if jax.default_backend() != "cpu":
+        return num_chunks
+    return max(1, _CPU_STEP_SCORE_BYTES // (nheads * q * q * 4))
 
 
 def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -85,31 +130,26 @@ def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
         x, dt, B, C = map(pad_seq, (x, dt, B, C))
 
     mm_dtype = x.dtype  # matmul operands stay in the input dtype; accumulation is float32
-    # Head-major layouts (b, c, g, j, q, .) so that every contraction below is a batched matmul
-    # over contiguous (q, .) tiles; transposing x and y once is far cheaper than letting each dot
-    # relayout its operands.
-    x = x.reshape(b, c, q, g, j, p).transpose(0, 1, 3, 4, 2, 5)  # (b, c, g, j, q, p)
-    B = B.reshape(b, c, q, g, n)
+    # Steps 1-2 are independent per chunk: run them on all b*c chunks at once, or on the CPU in
+    # groups of chunks whose (q, s) score tensors fit in cache (~15% faster at l = 2048 here).
+    chunks = (x.reshape(b * c, q, g, j, p).transpose(0, 2, 3, 1, 4),  # (k, g, j, q, p)
+              dt.reshape(b * c, q, g, j).transpose(0, 2, 3, 1),  # (k, g, j, q)
+              B.reshape(b * c, q, g, n), C.reshape(b * c, q, g, n))  # (k, q, g, n)
+    local = functools.partial(_chunk_local, A=A.astype(f32).reshape(g, j, 1))
+    per_step = chunks_per_step(b * c, h, q)
+    if per_step >= b * c:
+        y, chunk_states, dA_cs = local(*chunks)
+    else:
+        steps = -(-b * c // per_step)
+        pad_k = lambda t: jnp.pad(t, [(0, steps * per_step - b * c)] + [(0, 0)] * (t.ndim - 1))
+        grouped = [pad_k(t).reshape(steps, per_step, *t.shape[1:]) for t in chunks]
+        outs = jax.lax.map(lambda args: local(*args), grouped)
+        y, chunk_states, dA_cs = (t.reshape(steps * per_step, *t.shape[2:])[:b * c]
+                                  for t in outs)
+    y = y.reshape(b, c, g, j, q, p)
+    chunk_states = chunk_states.reshape(b, c, g, j, p, n)
+    dA_cs = dA_cs.reshape(b, c, g, j, q)
     C = C.reshape(b, c, q, g, n)
-    dt = dt.reshape(b, c, q, g, j).transpose(0, 1, 3, 4, 2)  # (b, c, g, j, q)
-    # associative_scan, not cumsum: XLA:CPU lowers cumsum to a reduce-window that made it the
-    # costliest op of the forward pass here (measured ~25 ms of CPU time at l=2048).
-    dA_cs = jax.lax.associative_scan(jnp.add, dt * A.astype(f32).reshape(g, j, 1),
-                                     axis=-1)  # (b, c, g, j, q)
-    # dt scales inputs, not scores: a (q, p) multiply instead of a per-head (q, s) one.
-    xdt = x.astype(f32) * dt[..., None]  # (b, c, g, j, q, p)
-
-    # 1. Intra-chunk: scores = (C_q . B_s) exp(cs_q - cs_s) dt_s, lower-triangular in (q, s).
-    cb = jnp.einsum("bcqgn,bcsgn->bcgqs", C, B, preferred_element_type=f32)  # (b, c, g, q, s)
-    y = jnp.concatenate([
-        _intra_chunk_rows(cb, dA_cs, xdt.astype(mm_dtype), start, min(start + _ROW_BLOCK, q))
-        for start in range(0, q, _ROW_BLOCK)], axis=-2)  # (b, c, g, j, q, p)
-
-    # 2. Chunk states: what each chunk adds to the state by its end.
-    to_end = jnp.exp(dA_cs[..., -1:] - dA_cs)  # (b, c, g, j, q)
-    xw = (xdt * to_end[..., None]).astype(mm_dtype)
-    chunk_states = jnp.einsum("bcgjqp,bcqgn->bcgjpn", xw, B,
-                              preferred_element_type=f32)  # (b, c, g, j, p, n)
 
     # 3. State passing: the state entering each chunk. Sequential, but only c steps.
     chunk_decay = jnp.exp(dA_cs[..., -1])  # (b, c, g, j)
