@@ -16,7 +16,8 @@ magnitude, which keeps the difference accurate in float32.
 Contraction order (why it is faster than a plain transcription): C.B^T is formed once per chunk
 and group (not per head), heads are laid out as (g, heads-per-group) so groups broadcast without
 copies, and the only per-head (Q, Q) tensor is the decay-weighted score matrix that the
-quadratic form needs anyway.
+quadratic form needs anyway, built in 64-row blocks that skip the all-zero upper triangle. On
+the CPU, steps 1-2 run over groups of chunks whose score tensors fit in cache.
 
 FLOPs (multiply-adds counted as 2) for b sequences of length l (padded to c chunks of Q):
   C.B^T:          2 b c g Q^2 n
@@ -25,8 +26,8 @@ FLOPs (multiply-adds counted as 2) for b sequences of length l (padded to c chun
   state output:   2 b c h Q p n
   state passing:  O(b c h p n)
 
-Letters: b batch, l sequence, c chunk, q/s positions in a chunk, h heads (= g groups x j
-heads per group), p head dim, n state dim.
+Letters: b batch, l sequence, c chunk, k a stack of chunks (b*c or a group of them), q/s
+positions in a chunk, h heads (= g groups x j heads per group), p head dim, n state dim.
 """
 
 from __future__ import annotations
