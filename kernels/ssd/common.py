@@ -5,23 +5,12 @@ Letters: b batch, l sequence, c chunk, h heads, p head dim, g groups, n state di
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 
-class SSDShapes(NamedTuple):
-    batch: int
-    seqlen: int
-    nheads: int
-    headdim: int
-    ngroups: int
-    dstate: int
-
-
 def check_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
-               initial_states=None) -> SSDShapes:
+               initial_states=None) -> None:
     """Validates the shapes of `mamba_chunk_scan`'s arguments; raises ValueError naming the culprit.
 
     Shapes: x, z (b, l, h, p); dt (b, l, h); A, dt_bias (h,); B, C (b, l, g, n); D (h,) or (h, p);
@@ -57,7 +46,6 @@ def check_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
     if initial_states is not None and initial_states.shape != (b, h, p, n):
         raise ValueError(f"initial_states must have shape (batch, nheads, headdim, dstate)="
                          f"{(b, h, p, n)}, got {initial_states.shape}")
-    return SSDShapes(b, l, h, p, g, n)
 
 
 def prepare_dt(dt: jax.Array, dt_bias: jax.Array | None, dt_softplus: bool) -> jax.Array:
