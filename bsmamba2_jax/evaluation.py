@@ -412,34 +412,6 @@ def plot_sweep(sweep: dict[float, dict], path: str | Path, label: str = "BSMamba
 # ----------------------------------------------------------------------------- whole runs
 
 
-EXECUTION_FIELDS = ("ssd_impl", "remat")  # how to run, not what was trained
-
-
-def load_model(config: Any, path: str | Path) -> tuple[Any, Any]:
-    """(model, params) from an exported model file or a training checkpoint.
-
-    The checkpoint's model config decides the architecture (the weights must fit it).
-    """
-    from bsmamba2_jax.model import BSMamba2
-
-    path = Path(path)
-    if path.is_file():
-        from bsmamba2_jax import export
-
-        params, exported = export.load_model(path)
-        model_cfg = dict(exported["model"])
-    else:
-        from bsmamba2_jax.train.checkpoint import load_ema_params
-
-        params, run_config = load_ema_params(path)
-        model_cfg = run_config.model.to_dict()
-    model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
-    for field in EXECUTION_FIELDS:
-        if field in config.model:
-            model_cfg[field] = config.model[field]
-    return BSMamba2(**model_cfg), params
-
-
 def dataset_tracks(config: Any, workdir: str | Path, split: str, max_tracks: int = 0) -> list:
     """Tracks of `split` from config.data.root, or from the workdir's synthetic set."""
     from bsmamba2_jax import data
@@ -463,7 +435,11 @@ def run(config: Any, workdir: str | Path, *, checkpoint: str | None = None, spli
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap={overlap} must be in [0, 1)")
     workdir = Path(workdir)
-    model, params = load_model(config, checkpoint or workdir)
+    from bsmamba2_jax.loading import load_model
+
+    # How to run comes from --config; what was trained (and its dtype) from the checkpoint.
+    overrides = {k: config.model[k] for k in ("ssd_impl", "remat") if k in config.model}
+    model, params, _ = load_model(checkpoint or workdir, overrides=overrides)
     tracks = dataset_tracks(config, workdir, split, max_tracks)
     rate = int(config.data.sample_rate)
     base = workdir / "eval" / split

@@ -130,21 +130,12 @@ def load_model(path: str | Path) -> tuple[Any, dict]:
     return blob["params"], config
 
 
-def build_model(config: dict) -> Any:
-    """BSMamba2 from an exported config dict."""
-    from bsmamba2_jax.model import BSMamba2
-
-    return BSMamba2(**config["model"])
-
-
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """EMA weights of a training checkpoint (workdir or step dir) -> one model file."""
-    from bsmamba2_jax.train.checkpoint import _step_dir, load_ema_params
+    from bsmamba2_jax.loading import read_weights
 
-    ema, config = load_ema_params(checkpoint)
-    step_dir = _step_dir(Path(checkpoint).absolute())
-    step = int(step_dir.name) if step_dir.name.isdigit() else None
-    return save_model(out, ema, config, step=step)
+    params, config = read_weights(checkpoint, "ema")
+    return save_model(out, params, config, step=config["step"])
 
 
 def main(argv: list[str] | None = None) -> int:

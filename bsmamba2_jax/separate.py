@@ -124,15 +124,13 @@ def load_separator(model_file: str | Path, *, segment_seconds: float | None, ove
     import jax
     from tqdm import tqdm
 
-    from bsmamba2_jax import export, inference
+    from bsmamba2_jax import inference
+    from bsmamba2_jax.loading import load_model
 
-    params, config = export.load_model(model_file)
-    model_kwargs = dict(config["model"])
-    if model_kwargs.get("ssd_impl") == "pallas" and jax.default_backend() != "gpu":
-        model_kwargs["ssd_impl"] = "xla"  # same numbers; Pallas off-GPU is interpret mode (slow)
-    from bsmamba2_jax.model import BSMamba2
-
-    model = BSMamba2(**model_kwargs)
+    overrides = None
+    if jax.default_backend() != "gpu":
+        overrides = {"ssd_impl": "xla"}  # same numbers; Pallas off-GPU is interpret mode (slow)
+    model, params, config = load_model(model_file, overrides=overrides)
     rate = int(config.get("sample_rate", 44100))
     seconds = float(segment_seconds or config.get("segment_seconds", 8.0))
     params = jax.device_put(params)

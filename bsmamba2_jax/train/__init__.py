@@ -1,5 +1,5 @@
 """Training: train state, optimizer, sharded steps, checkpoints, validation and logging.
 
-`train.py` at the top of the repository composes these; evaluation code needs only
-`checkpoint.load_ema_params(path) -> (ema_params, config)`.
+`train.py` at the top of the repository composes these; evaluation code loads models through
+`bsmamba2_jax.loading.load_model`, which reads checkpoints with `checkpoint.load_params`.
 """

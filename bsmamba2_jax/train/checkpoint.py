@@ -168,25 +168,60 @@ def _step_dir(path: Path) -> Path:
         f"WORKDIR/{BEST}/N")
 
 
-def load_ema_params(path: str | Path) -> tuple[Any, ml_collections.ConfigDict]:
-    """EMA weights and the run's config from a checkpoint, as NumPy arrays on the host.
+def _restore_numpy(item: Path, subtree: str | None = None) -> Any:
+    """An Orbax PyTree item as float32-or-native np.ndarray leaves on the host.
 
-    path: a workdir (its latest step in checkpoints/), or a step directory (checkpoints/<step> or
-    best/<step>). Needs neither the optimizer structure nor the devices the run used.
-    Returns (ema_params, config): ema_params is the `model.init` pytree ({"params": ...}) of
-    float32 np.ndarray; `BSMamba2(**config.model).apply(ema_params, audio)` runs the model.
+    subtree: restore only this top-level key of the item (e.g. "params" of a train_state item,
+    whose optimizer state is then never read).
     """
-    step_dir = _step_dir(Path(path).absolute())
-    item = step_dir / "ema_params"
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(item)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        ema = ocp.PyTreeCheckpointer().restore(
-            item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    if subtree is not None:
+        tree = {subtree: tree[subtree]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = ocp.PyTreeCheckpointer().restore(
+        item, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                          partial_restore=subtree is not None))
+    return restored if subtree is None else restored[subtree]
+
+
+def _run_config(step_dir: Path) -> ml_collections.ConfigDict:
     config_file = step_dir / "config" / "metadata"
     if not config_file.exists():
         candidates = [p for p in (step_dir / "config").glob("*") if p.is_file()]
         config_file = candidates[0] if candidates else step_dir.parent.parent / CONFIG_JSON
-    config = config_from_dict(json.loads(config_file.read_text()))
-    return ema, config
+    return config_from_dict(json.loads(config_file.read_text()))
+
+
+def load_params(path: str | Path, weights: str = "ema"
+                ) -> tuple[Any, ml_collections.ConfigDict, int | None]:
+    """Weights, the run's config and the step from a checkpoint, as NumPy arrays on the host.
+
+    path: a workdir (its latest step in checkpoints/), or a step directory (checkpoints/<step> or
+    best/<step>). weights: "ema" (the EMA weights) or "raw" (the optimizer's weights). Needs
+    neither the optimizer structure nor the devices the run used.
+    Returns (params, config, step): params is the `model.init` pytree ({"params": ...}) of
+    np.ndarray; `BSMamba2(**config.model).apply(params, audio)` runs the model.
+    """
+    step_dir = _step_dir(Path(path).absolute())
+    step = int(step_dir.name) if step_dir.name.isdigit() else None
+    if weights == "ema":
+        params = _restore_numpy(step_dir / "ema_params")
+    elif weights == "raw":
+        if (step_dir / "params").is_dir():
+            params = _restore_numpy(step_dir / "params")
+        elif (step_dir / "train_state").is_dir():
+            params = _restore_numpy(step_dir / "train_state", subtree="params")
+        else:
+            raise FileNotFoundError(f"{step_dir} holds only the EMA weights; pass weights='ema' "
+                                    f"or a step directory under {CHECKPOINTS}/")
+    else:
+        raise ValueError(f"Unknown weights {weights!r}; choose 'ema' or 'raw'")
+    return params, _run_config(step_dir), step
+
+
+def load_ema_params(path: str | Path) -> tuple[Any, ml_collections.ConfigDict]:
+    """EMA weights and the run's config (see `load_params`)."""
+    params, config, _ = load_params(path, "ema")
+    return params, config

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsmamba2_jax.train.checkpoint import Checkpointer, load_ema_params
+from bsmamba2_jax.train.checkpoint import Checkpointer, load_ema_params, load_params
 from bsmamba2_jax.train.state import TrainState
 from configs.bsmamba2 import get_config
 
@@ -53,6 +53,12 @@ def test_round_trip_and_load_ema(tmp_path):
         assert cfg.model.band_widths == config.model.band_widths  # tuples, as in the config
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         load_ema_params(tmp_path / "nothing")
+
+    # The raw (optimizer) weights come from the train state, without reading the optimizer state.
+    raw, _, step = load_params(tmp_path / "checkpoints" / "5", "raw")
+    assert step == 5
+    np.testing.assert_array_equal(raw["params"]["w"], np.asarray(state.params["params"]["w"]))
+    assert set(raw) == {"params"}
 
 
 def test_nothing_to_resume(tmp_path):

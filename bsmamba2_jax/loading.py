@@ -1,0 +1,82 @@
+"""One way to load a trained model, whatever holds it.
+
+    from bsmamba2_jax.loading import load_model
+    model, params, config = load_model(path)       # then model.apply(params, audio)
+
+`path` may be
+  - a train.py workdir (its newest checkpoint step),
+  - a checkpoint step directory (`WORKDIR/checkpoints/<step>` or `WORKDIR/best/<step>`),
+  - a model file written by `python -m bsmamba2_jax.export` (or `bsmamba2_jax.convert`).
+
+`config` is a plain dict in the model file's layout: {"model": BSMamba2 keyword arguments,
+"sample_rate": Hz, "segment_seconds": training segment length, "step": int or None,
+"weights": "ema" or "raw", "source": str(path)}. The architecture always comes from what was saved
+with the weights; only execution fields (how to run, not what was trained) may be overridden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Fields of the model config that say how to run it, not what was trained: callers may override
+# them (e.g. evaluate.py's --config.model.ssd_impl); any other field must come from the checkpoint.
+EXECUTION_FIELDS = ("ssd_impl", "remat", "dtype")
+WEIGHTS = ("ema", "raw")
+
+
+def read_weights(path: str | Path, weights: str = "ema") -> tuple[Any, dict]:
+    """(params as float32 NumPy pytree, config dict) from any supported source; see module doc."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"Unknown weights {weights!r}; choose one of {WEIGHTS}")
+    path = Path(path)
+    if path.is_file():
+        from bsmamba2_jax import export
+
+        params, config = export.load_model(path)
+        stored = config.get("weights", "ema")
+        if stored != weights:
+            raise ValueError(f"{path} holds the {stored} weights only, not the {weights} ones; "
+                             f"pass weights={stored!r} or export the {weights} weights")
+    elif path.is_dir():
+        from bsmamba2_jax import export
+        from bsmamba2_jax.train import checkpoint
+
+        params, run_config, step = checkpoint.load_params(path, weights)
+        config = {**export.model_config_dict(run_config), "step": step}
+    else:
+        raise FileNotFoundError(
+            f"No model at {path}: pass a train.py workdir, a checkpoint step directory "
+            "(WORKDIR/checkpoints/<step>) or a model file from `python -m bsmamba2_jax.export`")
+    config.setdefault("step", None)
+    config["weights"] = weights
+    config["source"] = str(path)
+    return params, config
+
+
+def build_model(model_config: dict, overrides: dict | None = None) -> Any:
+    """`BSMamba2` from a saved model config, with execution fields overridden.
+
+    overrides: {field: value} for fields in EXECUTION_FIELDS; anything else is an error, because
+    the weights fix the architecture.
+    """
+    from bsmamba2_jax.model import BSMamba2
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
+    for field, value in (overrides or {}).items():
+        if field not in EXECUTION_FIELDS:
+            raise ValueError(f"model.{field} comes from the checkpoint and cannot be overridden; "
+                             f"only {EXECUTION_FIELDS} can")
+        kwargs[field] = value
+    return BSMamba2(**kwargs)
+
+
+def load_model(path: str | Path, *, weights: str = "ema",
+               overrides: dict | None = None) -> tuple[Any, Any, dict]:
+    """(model, params, config) from a workdir, a step directory or a model file.
+
+    weights: "ema" (the exponential moving average of training) or "raw" (the optimizer's weights).
+    overrides: execution fields of the model config (EXECUTION_FIELDS) to change.
+    """
+    params, config = read_weights(path, weights)
+    return build_model(config["model"], overrides), params, config
