@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
 from bsmamba2_jax import metrics
+from bsmamba2_jax.data.musdb import SAMPLE_RATE as RATE
 
-RATE = 44100
+
+def _seed(*values) -> int:
+    return zlib.crc32(repr(values).encode())
 
 
 def _signals(seed: int, seconds: float, silences: list[tuple[int, float, float]]):
@@ -79,7 +84,7 @@ def test_csdr_short_signal_is_one_frame():
 
 def test_csdr_frames_matches_loop_reference_other_rate():
     """A plain per-frame loop in float64, with a window that is not 44100."""
-    refs, ests = _signals(4, 2.0, [(0, 0.2, 0.6)])
+    refs, ests = _signals(_seed("loop", 10000), 2.0, [(0, 0.2, 0.6)])
     win = 10000
     got = metrics.csdr_frames(refs, ests, rate=win)
     nwin = refs.shape[-1] // win
@@ -134,3 +139,98 @@ def test_active_stretches():
     got = metrics.active_stretches(vocals, rate=RATE)
     seconds = np.array(got, dtype=np.float64) / RATE
     np.testing.assert_allclose(seconds, [(0.5, 2.0), (3.0, 6.0), (7.0, 7.3)], atol=1e-9)
+
+
+def test_sdr_scores_equal_museval_on_vocals_alone():
+    """The paper's protocol: museval's bss_eval on one source; uSDR over every sample."""
+    museval = pytest.importorskip("museval")
+    seed = _seed("sdr_scores", 4.6)
+    rng = np.random.default_rng(seed)
+    n = int(4.6 * RATE)
+    ref = (0.3 * rng.standard_normal((2, n))).astype(np.float32)
+    ref[:, RATE:2 * RATE] = 0.0  # a silent second: NaN
+    ref[:, int(2.5 * RATE):int(2.7 * RATE)] = 0.0  # part of a second: scored
+    est = ref + (0.1 * rng.standard_normal((2, n))).astype(np.float32)
+    est[:, 3 * RATE:4 * RATE] = 0.0  # a silent estimate: NaN
+    usdr, frames = metrics.sdr_scores(ref, est)
+    want = museval.metrics.bss_eval(ref.T[None], est.T[None], window=RATE, hop=RATE)[0][0]
+    np.testing.assert_array_equal(np.isnan(frames), np.isnan(want), err_msg=f"{seed=}")
+    assert np.isnan(frames).sum() == 2, f"{seed=}"
+    np.testing.assert_allclose(frames, want, atol=1e-6, err_msg=f"{seed=}")
+    r, e = ref.astype(np.float64), est.astype(np.float64)
+    want_u = 10 * np.log10((np.sum(r**2) + 1e-7) / (np.sum((e - r) ** 2) + 1e-7))
+    assert usdr == pytest.approx(want_u, abs=1e-6), f"{seed=}"
+    assert usdr == metrics.usdr(ref, est)  # one computation, one result
+
+
+def _loop_reference(ref, est, win):
+    """Plain float64 per-frame energies and museval's silence rule, frame by frame."""
+    r, e = ref.astype(np.float64), est.astype(np.float64)
+    n = r.shape[-1]
+    count = n // win if win < n else 1
+    w = min(n, count * win) // count
+    out = []
+    for t in range(count):
+        rf, ef = r[:, t * w:(t + 1) * w], e[:, t * w:(t + 1) * w]
+        silent = not np.any(ref[:, t * w:(t + 1) * w].sum(0)) or \
+            not np.any(est[:, t * w:(t + 1) * w].sum(0))
+        out.append((np.sum(rf**2), np.sum((ef - rf) ** 2), silent))
+    ref_e, err_e, silent = (np.array(x) for x in zip(*out, strict=True))
+    return ref_e, err_e, silent, np.sum(r**2), np.sum((e - r) ** 2)
+
+
+@pytest.mark.parametrize("channels,samples,win", [
+    (2, 3 * RATE + 777, RATE), (1, 5000, 1024), (3, 12345, 4000), (2, 700, RATE),
+    (2, 513, 512), (2, 4 * 4096, 4096),
+])
+def test_source_stats_float32_against_float64_loop(channels, samples, win):
+    """Awkward shapes, wide dynamic range, silent frames: float32 sums stay within the documented
+    2e-7 of the float64 loop, the silence flags are exact, memory order is invisible."""
+    seed = _seed("stats", channels, samples, win)
+    rng = np.random.default_rng(seed)
+    gains = 10.0 ** rng.uniform(-4, 1, size=samples // 300 + 1)
+    ref = (rng.standard_normal((channels, samples)) * np.repeat(gains, 300)[:samples])
+    ref = ref.astype(np.float32)
+    est = (ref + 0.05 * rng.standard_normal((channels, samples)) * ref.std()).astype(np.float32)
+    if samples > 2 * win:
+        ref[:, win:2 * win] = 0.0
+        if channels > 1:
+            ref[-1, 2 * win:3 * win] = -ref[:-1, 2 * win:3 * win].sum(0)  # channel sum is 0
+    got = metrics.source_stats(ref, est, win)
+    want = _loop_reference(ref, est, win)
+    np.testing.assert_array_equal(got.silent, want[2], err_msg=f"{seed=}")
+    np.testing.assert_allclose(got.ref_energy, want[0], rtol=2e-7, err_msg=f"{seed=}")
+    np.testing.assert_allclose(got.err_energy, want[1], rtol=2e-7, err_msg=f"{seed=}")
+    assert got.ref_total == pytest.approx(want[3], rel=2e-7), f"{seed=}"
+    assert got.err_total == pytest.approx(want[4], rel=2e-7), f"{seed=}"
+    fortran = metrics.source_stats(np.asfortranarray(ref), np.asfortranarray(est), win)
+    np.testing.assert_array_equal(fortran.err_energy, got.err_energy, err_msg=f"{seed=}")
+    assert fortran.ref_total == got.ref_total
+
+
+def test_silence_is_decided_on_every_sample():
+    """Frames whose first samples are silent, near-anti-phase channels, squares that underflow
+    or overflow in float32: decided like museval's exact rule and float64 sums."""
+    seed = _seed("silence")
+    rng = np.random.default_rng(seed)
+    win = 1000
+    ref = (0.3 * rng.standard_normal((2, 6 * win))).astype(np.float32)
+    est = (ref + 0.1 * rng.standard_normal(ref.shape)).astype(np.float32)
+    ref[:, 0:win - 1] = 0.0  # frame 0: one non-zero sample, at its very end
+    ref[:, win:2 * win] = 0.0  # frame 1: silent
+    ref[1, 2 * win:3 * win] = -ref[0, 2 * win:3 * win]  # frame 2: anti-phase ...
+    ref[1, 3 * win - 1] += 0.5  # ... except the last sample
+    ref[:, 3 * win:4 * win] = 1e-30 * np.sign(ref[:, 3 * win:4 * win])  # frame 3: underflows
+    est[:, 3 * win:4 * win] = 2e-30 * np.sign(ref[:, 3 * win:4 * win])
+    ref[:, 4 * win:5 * win] *= 1e20  # frame 4: overflows in float32 squares
+    est[:, 4 * win:5 * win] = ref[:, 4 * win:5 * win] * 1.5
+    _, frames = metrics.sdr_scores(ref, est, rate=win)
+    want = _loop_reference(ref, est, win)
+    np.testing.assert_array_equal(np.isnan(frames), want[2], err_msg=f"{seed=}")
+    assert list(np.isnan(frames)) == [False, True, False, False, False, False], f"{seed=}"
+    with np.errstate(divide="ignore"):
+        want_db = 10 * np.log10(want[0] / want[1])
+    np.testing.assert_allclose(frames[~want[2]], want_db[~want[2]], atol=1e-6,
+                               err_msg=f"{seed=}")
+    assert frames[3] == pytest.approx(0.0, abs=1e-6) and frames[4] == pytest.approx(
+        -20 * np.log10(0.5), abs=1e-6), f"{seed=}"
