@@ -40,8 +40,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SAMPLE_RATE = 44100
-STEMS = ("vocals", "drums", "bass", "other")
+from bsmamba2_jax.data.musdb import SAMPLE_RATE, STEMS
+
 SETUP_FILE = "musdb_setup.yaml"  # musdb setup with the synthetic validation track names
 INFO_FILE = "synthetic.json"  # generation parameters; written last, marks a complete set
 SUBTYPES = ("FLOAT", "PCM_16")
