@@ -1,21 +1,24 @@
-"""Mel spectrograms of mixture, reference and estimates over one time range (the paper's Fig. 2).
+"""Figures: mel spectrograms like the paper's Fig. 2, and the input-length sweep (Table IV).
+
+Mel spectrograms of mixture, reference and estimates over one time range:
 
     python -m bsmamba2_jax.plots --track MUSDB_TRACK_DIR --estimate EST/vocals.wav \
         [--estimate OTHER/vocals.wav --label BSMamba2 --label other] --start 30 --duration 8 \
         -o fig2.png
     python -m bsmamba2_jax.plots --mixture mix.wav --reference vocals.wav --estimate est.wav ...
 
-Estimates come from `evaluate.py --write_audio` (WORKDIR/eval/<split>/<run>/audio/<track>/) or
-from `bsmamba2-separate`. Channels are averaged; spectra are power mel spectrograms in dB relative
-to the loudest bin of all panels, so the panels share one colour scale.
+Estimates come from `evaluate.py --write_audio` (WORKDIR/eval/<split>/<model key>/<run>/audio/
+<track>/) or from `bsmamba2-separate`. Channels are averaged; spectra are power mel spectrograms in
+dB relative to the loudest bin of all panels, so the panels share one colour scale.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +91,46 @@ def plot_mel_panels(panels: Sequence[tuple[str, np.ndarray]], rate: int, path: s
     if title:
         fig.suptitle(title)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="dB", shrink=0.9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweeps: Mapping[str, Mapping[float, Mapping[str, Any]]], path: str | Path,
+               title: str | None = None) -> Path:
+    """Table IV as a figure: uSDR (mean) and cSDR (median) against the segment length.
+
+    Args:
+      sweeps: {model label: {segment seconds: {"usdr": dB or None, "csdr": dB or None}}}; one
+        line per model in each of the two panels.
+      path: output image (.png, .pdf); its folder is created.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not sweeps:
+        raise ValueError("nothing to plot: pass at least one model's sweep")
+    lengths = sorted({s for sweep in sweeps.values() for s in sweep})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    for ax, key, name in zip(axes, ("usdr", "csdr"), ("uSDR (mean)", "cSDR (median)"),
+                             strict=True):
+        for label, sweep in sweeps.items():
+            xs = sorted(sweep)
+            ys = [np.nan if sweep[s][key] is None else float(sweep[s][key]) for s in xs]
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{s:g}" for s in lengths])
+        ax.set_xlabel("inference segment length (s)")
+        ax.set_ylabel(f"{name}, dB")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
