@@ -305,6 +305,32 @@ def _model_file(path: Path, seed: int) -> Path:
     return export.save_model(path, params, config, weights="raw", step=seed)
 
 
+def test_weights_and_dtype_reach_the_model(synthetic_root, tmp_path):
+    """--dtype is an execution override of the loaded model and part of its result key;
+    --weights must match what the source holds, with an error naming the flag."""
+    from absl import app
+
+    import evaluate
+
+    config = _tiny_config(synthetic_root)
+    path = str(_model_file(tmp_path / "m.msgpack", 3))
+    keys = {}
+    for dtype in ("checkpoint", "float16", "bfloat16"):
+        opts = evaluate.check_options(workdir=str(tmp_path), checkpoints=[path], dtype=dtype)
+        (c,) = evaluate.load_candidates(config, opts)
+        want = "float32" if dtype == "checkpoint" else dtype  # the tiny config runs in float32
+        assert c.model.dtype == want and c.identity["model"]["dtype"] == want
+        assert c.identity["weights"] == "raw" and c.identity["step"] == 3
+        keys[dtype] = c.identity["key"]
+    assert len(set(keys.values())) == 3 and keys["float16"].startswith("step3-raw-float16-")
+    opts = evaluate.check_options(workdir=str(tmp_path), checkpoints=[path], weights="ema")
+    with pytest.raises(app.UsageError, match=r"--weights=ema\): .*holds the raw weights only"):
+        evaluate.load_candidates(config, opts)
+    opts = evaluate.check_options(workdir=str(tmp_path), checkpoints=[path], sweep=["0.01"])
+    with pytest.raises(app.UsageError, match=r"--sweep: 0.01 s is 441 samples; .*at least 1025"):
+        evaluate.load_candidates(config, opts)
+
+
 def test_evaluate_py_rejects_a_bad_sweep_before_model_work(synthetic_root, tmp_path):
     model_file = _model_file(tmp_path / "m.msgpack", 1)
     workdir = tmp_path / "run"
