@@ -155,11 +155,20 @@ def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def _comparable(producer: Mapping[str, Any]) -> Any:
+    """A producer as compared for reuse: the model by its key (weights + config), not by path."""
+    plain = json.loads(json.dumps(producer))
+    if isinstance(plain.get("model"), dict) and "key" in plain["model"]:
+        plain["model"] = plain["model"]["key"]
+    return plain
+
+
 def read_result(path: Path, producer: Mapping[str, Any]) -> dict | None:
     """A stored per-track result if it was made by `producer`, else None (score it again).
 
     A result whose producer differs (other weights, settings or scoring version) or a file that
-    does not parse is never reused.
+    does not parse is never reused. The same weights read from another path (a step directory and
+    its exported file) are the same producer.
     """
     if not path.is_file():
         return None
@@ -167,6 +176,6 @@ def read_result(path: Path, producer: Mapping[str, Any]) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(result, dict) or result.get("producer") != json.loads(json.dumps(producer)):
+    if not isinstance(result, dict) or not isinstance(result.get("producer"), dict):
         return None
-    return result
+    return result if _comparable(result["producer"]) == _comparable(producer) else None

@@ -40,8 +40,8 @@ class Leaky:
         return (self.gain * mixture).astype(np.float32)
 
 
-def _producer(gain: float) -> dict:
-    return {"model": {"key": f"leaky{gain:g}", "params_sha256": f"{gain:g}"},
+def _producer(gain: float, source: str = "a.msgpack") -> dict:
+    return {"model": {"key": f"leaky{gain:g}", "params_sha256": f"{gain:g}", "source": source},
             "settings": {"segment_seconds": 8.0}}
 
 
@@ -87,6 +87,14 @@ def test_evaluate_tracks_scores_reports_and_reuse(test_tracks, tmp_path):
     evaluation.evaluate_tracks(sep, test_tracks, tmp_path, producer=_producer(0.4), force=True,
                                progress=False)
     assert sep.calls == 4
+    # The same weights read from another path (same key) are the same producer.
+    evaluation.evaluate_tracks(sep, test_tracks, tmp_path, producer=_producer(0.4, "b/7"),
+                               progress=False)
+    assert sep.calls == 4
+    # Other settings are not.
+    changed = {**_producer(0.4), "settings": {"segment_seconds": 4.0}}
+    evaluation.evaluate_tracks(sep, test_tracks, tmp_path, producer=changed, progress=False)
+    assert sep.calls == 6
     # Other weights in the same folder are scored again, never mixed with these results.
     other = Leaky(0.7)
     again = evaluation.evaluate_tracks(other, test_tracks, tmp_path, producer=_producer(0.7),
