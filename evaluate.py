@@ -112,6 +112,9 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
     """
     if not workdir:
         raise app.UsageError("--workdir is required (the training workdir; results go there)")
+    if not checkpoints and not Path(workdir).is_dir():
+        raise app.UsageError(f"--workdir={workdir}: no such folder; pass the training workdir, "
+                             "or --checkpoint with the weights to score")
     checkpoints = tuple(checkpoints or (workdir,))
     for path in checkpoints:
         if not Path(path).exists():

@@ -285,6 +285,7 @@ def test_score_track_without_vocals():
     ("labels", ["a", "b"], "--label: 2 labels for 1 checkpoints"),
     ("labels", ["a/b"], "--label='a/b'"),
     ("checkpoints", ["/no/such/model.msgpack"], "--checkpoint=/no/such/model.msgpack"),
+    ("workdir", "/no/such/run", "--workdir=/no/such/run: no such folder"),
 ])
 def test_check_options_names_the_flag_and_range(tmp_path, flag, value, needle):
     from absl import app
@@ -292,7 +293,7 @@ def test_check_options_names_the_flag_and_range(tmp_path, flag, value, needle):
     import evaluate
 
     with pytest.raises(app.UsageError) as e:
-        evaluate.check_options(workdir=str(tmp_path), **{flag: value})
+        evaluate.check_options(**{"workdir": str(tmp_path), flag: value})
     assert needle in str(e.value)
     if flag in ("sweep", "segment_seconds"):
         assert "(0, 600]" in str(e.value) or "twice" in str(e.value) or "empty" in str(e.value)
