@@ -269,7 +269,10 @@ def evaluate(config: Any, opts: Options) -> dict:
     """
     from bsmamba2_jax import plots, reports
 
-    root, tracks = dataset_tracks(config, opts.workdir, opts.split, opts.max_tracks)
+    try:
+        root, tracks = dataset_tracks(config, opts.workdir, opts.split, opts.max_tracks)
+    except ValueError as e:  # a missing or incomplete dataset, named by the data code
+        raise app.UsageError(f"--config.data.root / --split: {e}") from e
     candidates = load_candidates(config, opts)
     rate = int(config.data.sample_rate)
     base = opts.workdir / "eval" / opts.split
