@@ -1,4 +1,4 @@
-"""Trains BSMamba2 (vocals) with the recipe of SPEC §4.
+"""Trains BSMamba2 (vocals) with the paper's recipe (docs/DESIGN.md#loss-and-recipe).
 
     python train.py --config=configs/bsmamba2.py --workdir=workdir/paper
     python train.py --config=configs/bsmamba2.py:demo --workdir=workdir/demo \

@@ -1,4 +1,4 @@
-"""STFT and inverse STFT in JAX with torch.stft / torch.istft semantics (SPEC §1).
+"""STFT and inverse STFT in JAX with torch.stft / torch.istft semantics (docs/DESIGN.md#model).
 
 Conventions (those of torch.stft with `center=True, pad_mode="reflect", normalized=False,
 onesided=True` and a periodic Hann window):

@@ -1,4 +1,4 @@
-"""Whole-track separation by segments (SPEC §6).
+"""Whole-track separation by segments (docs/DESIGN.md#evaluation).
 
 The paper's protocol: non-overlapping 8 s segments, concatenated, the last one zero-padded
 (`overlap=0`). With `overlap > 0` segments overlap by that fraction and are blended by

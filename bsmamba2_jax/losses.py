@@ -1,4 +1,6 @@
-"""The training loss (SPEC §3): waveform L1 plus multi-resolution STFT magnitude-of-difference L1.
+"""The training loss: waveform L1 plus multi-resolution STFT magnitude-of-difference L1.
+
+See docs/DESIGN.md#loss-and-recipe (paper Sec. III-D, Eq. (8), and the authors' code).
 
     L = 10 * mean|s_hat - s|
         + sum_{w in (4096, 2048, 1024, 512, 256)} mean|STFT_w(s_hat) - STFT_w(s)|
@@ -22,7 +24,7 @@ WAVEFORM_WEIGHT = 10.0
 
 
 def separation_loss(estimate: jax.Array, target: jax.Array) -> jax.Array:
-    """SPEC §3 loss of one batch.
+    """The training loss of one batch (docs/DESIGN.md#loss-and-recipe).
 
     Args:
       estimate, target: (batch, 2, samples) real, any float dtype (computed in float32);

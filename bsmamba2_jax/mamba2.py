@@ -1,12 +1,12 @@
-"""Mamba2 mixer, its norms and the bidirectional block of BSMamba2 (SPEC §1).
+"""Mamba2 mixer, its norms and the bidirectional block of BSMamba2 (docs/DESIGN.md#model).
 
 Letters (SSD, from `ssd_minimal.py`): b batch, l sequence, h heads, p head dim, g groups,
 n state dim; d model features, e d_inner (= expand * d).
 
-Numerics: parameters are float32; matmuls and the depthwise conv run in `dtype` (bf16 in the
-paper config); dt + dt_bias, softplus, A = -exp(A_log), the SSD state and every norm's
-reduction are float32 (Mamba2 produces NaNs under bf16 when these are loose). The residual
-stream around each mixer is float32.
+Numerics (docs/DESIGN.md#numerics): parameters are float32; matmuls and the depthwise conv run
+in `dtype` (bf16 in the paper config); dt + dt_bias, softplus, A = -exp(A_log), the SSD state and
+every norm's reduction are float32, as mamba_ssm keeps them. The residual stream around each
+mixer is float32.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class DirectionalMamba2(nn.Module):
 
 
 class BiMamba2Block(nn.Module):
-    """Bidirectional Mamba2 block (SPEC §1):
+    """Bidirectional Mamba2 block (docs/DESIGN.md#model):
 
         f = u + Mamba2(RMSNorm(u));  b = flip(v + Mamba2'(RMSNorm'(v))), v = flip(u)
         out = Linear(concat[f, b]: 2d -> d, with bias) + u

@@ -1,4 +1,4 @@
-"""BSMamba2: band split, dual-path bidirectional Mamba2, mask estimation (SPEC §1).
+"""BSMamba2: band split, dual-path bidirectional Mamba2, mask estimation (docs/DESIGN.md#model).
 
     from bsmamba2_jax.model import BSMamba2
     model = BSMamba2(**config.model)
@@ -10,7 +10,7 @@ w bins in a band.
 
 Bands of equal width that follow each other are processed as one group with stacked weights
 (the paper config has 7 groups: 24x2, 12x4, 8x12, 8x24, 8x48, 1x128, 1x129 bins). This is the
-same function and parameter count as one Linear per band (SPEC §1), in 7 batched matmuls
+same function and parameter count as one Linear per band (paper Sec. III-A), in 7 batched matmuls
 instead of 62 small ones.
 """
 
@@ -139,8 +139,8 @@ class BandSplit(nn.Module):
 class MaskEstimator(nn.Module):
     """Per band: Linear(d -> hidden) -> Tanh -> Linear(hidden -> 8 F_k) -> GLU.
 
-    No norm inside: the authors' code has none (the paper's text mentions an RMSNorm; SPEC §1
-    follows the code, and so does the 48,098,188 parameter count).
+    No norm inside: the authors' code has none, where the paper (Sec. III-C) mentions an RMSNorm;
+    we follow the code (docs/DESIGN.md#model).
     Returns the folded complex stereo mask (b, t, 4f), float32.
     """
 

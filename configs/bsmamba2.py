@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# 62 bands over the 1025 STFT bins, low to high (SPEC §1): 24x2, 12x4, 8x12, 8x24, 8x48, 128, 129.
+# 62 bands over the 1025 STFT bins, low to high (paper Sec. III-A; docs/DESIGN.md#model):
+# 24x2, 12x4, 8x12, 8x24, 8x48, 128, 129.
 PAPER_BAND_WIDTHS = (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129)
 
 
@@ -52,7 +53,7 @@ def get_model_config(variant: str = "") -> ml_collections.ConfigDict:
 
 
 def get_data_config(variant: str = "") -> ml_collections.ConfigDict:
-    """Where the audio comes from and how training examples are drawn (SPEC §4, §5)."""
+    """Where the audio comes from and how training examples are drawn (docs/DESIGN.md#data)."""
     d = ml_collections.ConfigDict()
     d.root = ""  # MUSDB18-HQ root; "" = synthetic MUSDB18-HQ-shaped set generated in the workdir
     d.sample_rate = 44100  # Hz; every file must have it
@@ -65,7 +66,8 @@ def get_data_config(variant: str = "") -> ml_collections.ConfigDict:
     d.silence_prob = 0.1  # each stem (the vocal target too) is replaced by silence this often
     d.gain_min = 0.5  # each stem's gain is uniform in [gain_min, gain_max]
     d.gain_max = 1.5
-    # Source activity detection (SPEC §4): windows of one segment, hop = fraction * segment.
+    # Source activity detection (authors' sad config): windows of one segment, hop = fraction *
+    # segment, 10 chunks, threshold max(15th percentile of the chunk RMS, 1e-3), keep > 50%.
     d.activity_step_fraction = 0.5  # 4 s hop for 8 s windows
     d.activity_chunks = 10  # chunks per window
     d.activity_quantile = 0.15  # per-window chunk-RMS percentile used as threshold
@@ -114,9 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = get_model_config(variant)
     config.data = get_data_config(variant)
 
-    # Training (SPEC §4). Steps count micro-batches (train-step calls) of config.data.batch_size
-    # examples (global, over all devices); an optimizer update happens every accum_steps of them.
-    # The paper gives no training length: 100 "epochs" of 6000 examples is our guess.
+    # Training (docs/DESIGN.md#loss-and-recipe). Steps count micro-batches (train-step calls) of
+    # config.data.batch_size examples (global, over all devices); an optimizer update happens
+    # every accum_steps of them. The paper gives no training length: 100 "epochs" of 6000
+    # examples is our guess.
     config.total_steps = 60_000  # micro-batches; 60k x 10 examples = 100 x 6000
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 5e-4  # AdamW learning rate, constant (no schedule)

@@ -1,11 +1,12 @@
-"""Source activity detection (SPEC §4): which windows of each stem are worth training on.
+"""Source activity detection: which windows of each stem are worth training on.
 
-A window (8 s with a 4 s step for the paper) is split into 10 chunks; per channel, the chunk RMS
-values are compared with a threshold max(15th percentile of the window's chunk RMS, 1e-3); the
-window is kept when more than 50% of its chunks exceed the threshold on every channel. As in the
-authors' code the percentile is taken over the chunks of one window (linear interpolation, like
-torch.quantile), not over the whole track. Their code first replaces exact-zero RMS values by 1e-5;
-that cannot change the outcome (the threshold is never below 1e-3), so it is left out.
+See docs/DESIGN.md#data. A window (8 s with a 4 s step for the paper) is split into 10
+chunks; per channel, the chunk RMS values are compared with a threshold max(15th percentile of
+the window's chunk RMS, 1e-3); the window is kept when more than 50% of its chunks exceed the
+threshold on every channel. As in the authors' code the percentile is taken over the chunks of
+one window (linear interpolation, like torch.quantile), not over the whole track. Their code
+first replaces exact-zero RMS values by 1e-5; that cannot change the outcome (the threshold is
+never below 1e-3), so it is left out.
 
 The index (start samples of the active windows, per split, stem and track) is computed once and
 cached as a small JSON file, keyed by the root, the detection parameters and every file's size and

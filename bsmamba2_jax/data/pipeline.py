@@ -1,4 +1,6 @@
-"""Grain input pipeline: random-mix training batches and aligned validation segments (SPEC §4).
+"""Grain input pipeline: random-mix training batches and aligned validation segments.
+
+See docs/DESIGN.md#data.
 
 Training pipeline (one per process):
 

@@ -1,4 +1,7 @@
-"""The optimizer of the recipe (SPEC §4): global-norm clip, AdamW, gradient accumulation."""
+"""The optimizer of the recipe: global-norm clip, AdamW, gradient accumulation.
+
+See docs/DESIGN.md#loss-and-recipe.
+"""
 
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ def test_read_crop(synthetic_root):
 
 
 def _activity_reference(audio, window, step, chunks=10, quantile=0.15, floor=1e-3, frac=0.5):
-    """Loop-by-loop SPEC §4 detector (float64): start samples of the kept windows."""
+    """Loop-by-loop source-activity detector (docs/DESIGN.md#data), float64: start samples of
+    the kept windows."""
     keep = []
     for start in range(0, audio.shape[1] - window + 1, step):
         ok = True

@@ -1,4 +1,4 @@
-"""The SPEC §3 loss against a direct NumPy float64 computation."""
+"""The training loss (docs/DESIGN.md#loss-and-recipe) against a direct NumPy float64 computation."""
 
 from __future__ import annotations
 

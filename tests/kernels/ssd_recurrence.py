@@ -1,6 +1,6 @@
 """The SSD recurrence and its hand-written adjoint in float64 NumPy: what every impl is tested on.
 
-Written from the equations (SPEC §2), independent of JAX:
+Written from the equations (docs/DESIGN.md#ssd), independent of JAX:
     dts = softplus(dt + dt_bias)               (or dt + dt_bias without softplus)
     h_t = exp(dts_t A) h_{t-1} + dts_t x_t B_t^T
     y_t = (C_t h_t + D x_t) * silu(z_t)
