@@ -52,8 +52,8 @@ def mamba_chunk_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C:
       initial_states: (b, h, p, n) float32 state before step 0.
       dt_softplus: apply softplus to dt + dt_bias.
       return_final_states: also return the (b, h, p, n) float32 state after the last step.
-      impl: "scan" (sequential reference), "xla" (chunked, pure JAX) or "pallas" (GPU kernel;
-        Pallas interpret mode on a CPU).
+      impl: "scan" (sequential reference), "xla" (chunked, pure JAX) or "pallas" (Triton
+        kernels where lowered for CUDA, the Pallas interpreter on other platforms).
     Returns:
       y (b, l, h, p) in x.dtype, and final_states when asked.
     """

@@ -22,7 +22,10 @@ and p, n go to powers of two >= 16 with zeros (exact: padded state rows/columns 
 The kernel chunk is the requested chunk_size rounded up to a power of two >= 16 (and not
 longer than needed for the sequence): any chunking computes the same function.
 
-On a machine whose default backend is not a GPU the kernels run in Pallas interpret mode.
+Where the kernels run is decided per platform when the computation is lowered
+(`kernels.ssd.pallas_platform`): compiled Triton kernels for CUDA, the Pallas interpreter for
+every other platform (slow: on a CPU use the "xla" impl for speed). So a model lowered or
+exported for a GPU from a CPU host carries the Triton kernels; `interpret=` forces either.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jax.custom_derivatives import SymbolicZero
 from kernels.ssd.pallas_bwd import chunk_scan_bwd_cols, chunk_scan_bwd_rows
 from kernels.ssd.pallas_fwd import SSDBlockSizes, chunk_scan, chunk_state
 from kernels.ssd.pallas_passing import state_passing_bwd, state_passing_fwd
+from kernels.ssd.pallas_platform import on_lowering_platform
 from kernels.ssd.xla import ssd_xla
 
 __all__ = ["SSDBlockSizes", "kernel_dims", "ssd_pallas", "ssd_pallas_reference"]
@@ -60,7 +64,7 @@ def kernel_dims(seqlen: int, headdim: int, dstate: int, chunk_size: int) -> tupl
 class _Config(NamedTuple):
     chunk: int
     blocks: SSDBlockSizes
-    interpret: bool
+    interpret: bool | None  # None: decided per lowering platform (`kernels.ssd.pallas_platform`)
     zero_init: bool  # no initial state was given
     fused_passing: bool  # chunk states and passing in one kernel (`kernels.ssd.pallas_passing`)
 
@@ -77,8 +81,9 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
       chunk_size: chunk length; rounded up to a power of two >= 16 for the kernels.
       initial_states: (b, h, p, n) or None (zeros).
       block_sizes: tiles and launch parameters; default `SSDBlockSizes.default(P, N, Q, itemsize)`.
-      interpret: run the kernels in the Pallas interpreter; default: when the default JAX
-        backend is not a GPU.
+      interpret: True runs the kernels in the Pallas interpreter, False compiles them with
+        Triton (CUDA only); None (default) decides per platform at lowering: Triton for CUDA,
+        the interpreter elsewhere.
     Returns:
       y (b, l, h, p) float32 without the D skip, final state (b, h, p, n) float32.
     """
@@ -92,8 +97,6 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         raise ValueError(f"x, B, C must be float32, bfloat16 or float16, got {mm}; cast them")
     blocks = block_sizes or SSDBlockSizes.default(P, N, chunk, jnp.dtype(mm).itemsize)
     blocks.check(P, N, chunk)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     c = -(-l // chunk)
     L = c * chunk
 
@@ -110,7 +113,8 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
     else:
         init = jnp.pad(initial_states.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)])
     fused = b * h * (P // blocks.block_p) >= blocks.fused_passing_min_programs
-    cfg = _Config(chunk, blocks, bool(interpret), initial_states is None, fused)
+    interpret = None if interpret is None else bool(interpret)
+    cfg = _Config(chunk, blocks, interpret, initial_states is None, fused)
     y, final = _ssd_core(cfg, xp, dtp, cs, Bp, Cp, init)
     return y[:, :l, :, :p], final[:, :, :p, :n]
 
@@ -161,31 +165,100 @@ def _pass_state_grads(out_grads: jax.Array, states: jax.Array, decay: jax.Array,
 
 # --- custom_vjp core on padded operands ----------------------------------------------------------
 
-def _states(cfg: _Config, x, dt, cs, B, init):
-    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=cfg.interpret)
+def _on_platform(cfg: _Config, fn, *args) -> list[jax.Array]:
+    """fn(cfg, *args, interpret=...) with cfg.interpret, or decided per lowering platform."""
+    if cfg.interpret is None:
+        return on_lowering_platform(functools.partial(fn, cfg), *args)
+    return list(fn(cfg, *args, interpret=cfg.interpret))
+
+
+def _states(cfg: _Config, x, dt, cs, B, init, interpret: bool):
+    """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N); init None
+    when zero."""
+    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=interpret)
     if cfg.fused_passing:
-        return state_passing_fwd(x, B, dt, cs, None if cfg.zero_init else init, **kw)
+        return state_passing_fwd(x, B, dt, cs, init, **kw)
     chunk_states = chunk_state(x, B, dt, cs, to_end=True, **kw)
+    if init is None:
+        init = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), f32)
     return _pass_states(chunk_states, _chunk_decay(cs, cfg.chunk), init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ssd_core(cfg: _Config, x, dt, cs, B, C, init):
-    """Padded operands: x (b, L, h, P); dt, cs (b, h, L) f32; B, C (b, L, g, N);
-    init (b, h, P, N) f32. Returns y (b, L, h, P) f32 and the final state (b, h, P, N) f32."""
-    return _core_fwd(cfg, x, dt, cs, B, C, init)[0]
-
-
-def _core_fwd(cfg: _Config, x, dt, cs, B, C, init):
-    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=cfg.interpret)
-    if cfg.zero_init and x.shape[1] == cfg.chunk:
+def _forward(cfg: _Config, x, dt, cs, B, C, *init, interpret: bool):
+    """y (b, L, h, P) f32 and the final state (b, h, P, N) f32; init given unless cfg.zero_init."""
+    init = init[0] if init else None
+    kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=interpret)
+    if init is None and x.shape[1] == cfg.chunk:
         # One chunk and no initial state: nothing enters the chunk, the kernel reads no state
         # (the BSMamba2 band axis: a zero state per sequence would be 4x the bytes of x).
         final = chunk_state(x, B, dt, cs, to_end=True, **kw)[:, 0]
         states = None
     else:
-        states, final = _states(cfg, x, dt, cs, B, init)
-    y = chunk_scan(x, B, C, dt, cs, states, **kw)
+        states, final = _states(cfg, x, dt, cs, B, init, interpret)
+    return chunk_scan(x, B, C, dt, cs, states, **kw), final
+
+
+def _backward(cfg: _Config, x, dt, cs, B, C, dy, *rest, zero_final: bool,
+              interpret: bool):
+    """Gradients (dx, ddt, dcs, dB, dC[, d_init]) of the padded operands.
+
+    rest: (init unless cfg.zero_init) + (d_final unless zero_final: the final state was unused).
+    d_init is returned only when an initial state was given."""
+    rest = list(rest)
+    init = None if cfg.zero_init else rest.pop(0)
+    d_final = None if zero_final else rest.pop(0)
+    b, L, h, P = x.shape
+    N = B.shape[3]
+    chunk = cfg.chunk
+    c = L // chunk
+    kw = dict(chunk=chunk, blocks=cfg.blocks, interpret=interpret)
+    decay = _chunk_decay(cs, chunk)
+    d_init = None
+    if c == 1:
+        # No passing between chunks: skip the zero states and state gradients altogether.
+        states = None if init is None else init[:, None]
+        s_grads = None if d_final is None else d_final[:, None]
+        if states is None or s_grads is None:
+            d_decay = jnp.zeros((b, h, 1), f32)
+        else:
+            d_decay = jnp.sum(init * d_final, axis=(-2, -1))[..., None]
+        if init is not None:
+            d_init = chunk_state(dy, C, dt, cs, to_end=False, **kw)[:, 0]
+            if d_final is not None:
+                d_init = d_init + decay[..., 0, None, None] * d_final
+    else:
+        states, _ = _states(cfg, x, dt, cs, B, init, interpret)
+        if cfg.fused_passing:
+            s_grads, d_decay, d_init = state_passing_bwd(dy, C, cs, states, d_final, **kw)
+        else:
+            out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+            if d_final is None:
+                d_final = jnp.zeros((b, h, P, N), f32)
+            s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
+    dc, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
+    dx, db, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
+
+    ddt = ddt_intra + ddt_state
+    # cs_s enters every term through exp(... - cs_s) dt_s: its column part is -dt_s ddt_s.
+    dcs = (dcs_rows - dt * ddt).reshape(b, h, c, chunk)
+    # cs_last enters S_c through exp(cs_last - cs_s) and the passing through exp(cs_last).
+    last = jnp.sum((dt * ddt_state).reshape(b, h, c, chunk), axis=-1) + decay * d_decay
+    dcs = dcs.at[..., chunk - 1].add(last).reshape(b, h, L)
+    grads = [dx.astype(x.dtype), ddt, dcs, db.astype(B.dtype), dc.astype(C.dtype)]
+    return grads if init is None else [*grads, d_init]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd_core(cfg: _Config, x, dt, cs, B, C, init):
+    """Padded operands: x (b, L, h, P); dt, cs (b, h, L) f32; B, C (b, L, g, N) in the matmul
+    dtype; init (b, h, P, N) f32 (zeros, never read, when cfg.zero_init). Returns y
+    (b, L, h, P) f32 and the final state (b, h, P, N) f32."""
+    return _core_fwd(cfg, x, dt, cs, B, C, init)[0]
+
+
+def _core_fwd(cfg: _Config, x, dt, cs, B, C, init):
+    y, final = _on_platform(cfg, _forward, x, dt, cs, B, C,
+                            *([] if cfg.zero_init else [init]))
     # Residuals are the inputs only: the states are recomputed in the backward (they are as
     # large as x in bf16, per layer).
     return (y, final), (x, dt, cs, B, C, init)
@@ -198,48 +271,15 @@ def _core_fwd_rule(cfg: _Config, *primals):
 def _core_bwd(cfg: _Config, residuals, cotangents):
     x, dt, cs, B, C, init = residuals
     dy, d_final = cotangents
-    b, L, h, P = x.shape
-    chunk = cfg.chunk
-    c = L // chunk
-    kw = dict(chunk=chunk, blocks=cfg.blocks, interpret=cfg.interpret)
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(x.shape, x.dtype)
     dy = dy.astype(x.dtype)  # matmul operand dtype, like the forward
     zero_final = isinstance(d_final, SymbolicZero)  # the final state was not used
-    decay = _chunk_decay(cs, chunk)
-    if c == 1:
-        # No passing between chunks: skip the zero states and state gradients altogether.
-        states = None if cfg.zero_init else init[:, None]
-        s_grads = None if zero_final else d_final[:, None]
-        if states is None or s_grads is None:
-            d_decay = jnp.zeros((b, h, 1), f32)
-        else:
-            d_decay = jnp.sum(init * d_final, axis=(-2, -1))[..., None]
-        if cfg.zero_init:
-            d_init = jnp.zeros_like(init)
-        else:
-            d_init = chunk_state(dy, C, dt, cs, to_end=False, **kw)[:, 0]
-            if not zero_final:
-                d_init = d_init + decay[..., 0, None, None] * d_final
-    else:
-        states, _ = _states(cfg, x, dt, cs, B, init)
-        if cfg.fused_passing:
-            s_grads, d_decay, d_init = state_passing_bwd(
-                dy, C, cs, states, None if zero_final else d_final.astype(f32), **kw)
-        else:
-            out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
-            d_final = jnp.zeros_like(init) if zero_final else d_final.astype(f32)
-            s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
-    dc, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
-    dx, db, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
-
-    ddt = ddt_intra + ddt_state
-    # cs_s enters every term through exp(... - cs_s) dt_s: its column part is -dt_s ddt_s.
-    dcs = (dcs_rows - dt * ddt).reshape(b, h, c, chunk)
-    # cs_last enters S_c through exp(cs_last - cs_s) and the passing through exp(cs_last).
-    last = jnp.sum((dt * ddt_state).reshape(b, h, c, chunk), axis=-1) + decay * d_decay
-    dcs = dcs.at[..., chunk - 1].add(last).reshape(b, h, L)
-    return dx.astype(x.dtype), ddt, dcs, db.astype(B.dtype), dc.astype(C.dtype), d_init
+    rest = ([] if cfg.zero_init else [init]) + ([] if zero_final else [d_final.astype(f32)])
+    grads = _on_platform(cfg, functools.partial(_backward, zero_final=zero_final),
+                         x, dt, cs, B, C, dy, *rest)
+    d_init = jnp.zeros_like(init) if cfg.zero_init else grads[5]
+    return (*grads[:5], d_init)
 
 
 # symbolic_zeros: the backward learns which outputs were unused (a dropped final state).

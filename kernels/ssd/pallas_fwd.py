@@ -88,7 +88,8 @@ def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = Fa
         precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     elif a.dtype == f32:
         precision = lax.Precision.HIGHEST
-    return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+    # The Triton home of dot (`pl.dot` is deprecated from JAX 0.11).
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def decay_block(cs_t: jax.Array, cs_s: jax.Array, t0, s0, *, transposed: bool = False
