@@ -94,27 +94,54 @@ def _run(args, chunk, impl):
                             impl=impl)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
 def _value_and_grads(args, gy, g_final, chunk, impl):
-    """(y, final) and the gradients of <gy, y> + <g_final, final> in every argument."""
-    def objective(a):
+    """(y, final) and the gradients of <gy, y> + <g_final, final> in every argument, jitted
+    afresh on each call: the kernels' block sizes are read when tracing (a test may patch them)."""
+    def objective(a, gy, g_final):
         y, final = mamba_chunk_scan(**a, chunk_size=chunk, dt_softplus=True,
                                     return_final_states=True, impl=impl)
         return jnp.sum(y.astype(f32) * gy) + jnp.sum(final * g_final), (y, final)
 
-    (_, outs), grads = jax.value_and_grad(objective, has_aux=True)(args)
+    run = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    (_, outs), grads = run(args, jnp.asarray(gy, f32), jnp.asarray(g_final, f32))
     return outs, grads
 
 
-def _check_all(shape, dtype, seed, options, *, xla_only_sequences=None):
+def _problem(shape, seed, options):
+    """Float64 inputs and the output cotangents (gy, g_final), a pure function of the seed."""
+    b, l, h, p, g, n, _ = shape
+    rng, inputs = _inputs(seed, shape, options)
+    return inputs, rng.standard_normal((b, l, h, p)), rng.standard_normal((b, h, p, n))
+
+
+PER_SEQUENCE = ("x", "dt", "B", "C", "z", "initial_states")
+
+
+@functools.lru_cache(maxsize=4)
+def _float64_expected(shape, dtype_name: str, seed: int, options: str, keep: tuple | None):
+    """y, final and every gradient from the float64 recurrence of the inputs rounded to the
+    dtype, on the sequences `keep` (all when None; then no batch-summed gradient). Cached: the
+    two ways of passing states are tested on the same problem."""
+    inputs, gy, g_final = _problem(shape, seed, options)
+    exact = _rounded(inputs, jnp.dtype(dtype_name))
+    if keep is not None:
+        exact = {k: v[list(keep)] if v is not None and k in PER_SEQUENCE else v
+                 for k, v in exact.items()}
+        gy, g_final = gy[list(keep)], g_final[list(keep)]
+    y, final, cache = rec.forward(**exact)
+    grads = rec.backward(gy, g_final, cache, **exact)
+    if keep is not None:
+        grads = {k: v for k, v in grads.items() if k in PER_SEQUENCE}
+    return y, final, grads
+
+
+def _check_all(shape, dtype, seed, options, *, float64_sequences=None):
     """Values and all gradients of "pallas" against the float64 recurrence and "xla".
 
-    xla_only_sequences: compare against float64 only on these sequences (the recurrence keeps
+    float64_sequences: compare against float64 only on these sequences (the recurrence keeps
     every state: too large for the model's batch); "xla" is compared on all of them."""
     b, l, h, p, g, n, chunk = shape
-    rng, inputs = _inputs(seed, shape, options)
-    gy = rng.standard_normal((b, l, h, p))
-    g_final = rng.standard_normal((b, h, p, n))
+    inputs, gy, g_final = _problem(shape, seed, options)
     args = _args(inputs, dtype)
     (y, final), grads = _value_and_grads(args, gy, g_final, chunk, "pallas")
     (y_x, final_x), grads_x = _value_and_grads(args, gy, g_final, chunk, "xla")
@@ -127,25 +154,56 @@ def _check_all(shape, dtype, seed, options, *, xla_only_sequences=None):
         if inputs[name] is not None:
             check(f"d{name} vs xla", grads[name], grads_x[name], gtol, seed)
 
-    exact = _rounded(inputs, dtype)
-    per_sequence = ("x", "dt", "B", "C", "z", "initial_states")
-    if xla_only_sequences is not None:
-        keep = np.asarray(xla_only_sequences)
-        exact = {k: v[keep] if v is not None and k in per_sequence else v
-                 for k, v in exact.items()}
-        gy, g_final = gy[keep], g_final[keep]
-        pick = lambda t: np.asarray(t)[keep]
-        names = [k for k in per_sequence if inputs[k] is not None]
-    else:
-        pick = np.asarray
-        names = [k for k in GRAD_ARGS if inputs[k] is not None]
-    y_expected, final_expected, cache = rec.forward(**exact)
-    expected = rec.backward(gy, g_final, cache, **exact)
+    keep = None if float64_sequences is None else tuple(float64_sequences)
+    pick = np.asarray if keep is None else (lambda t: np.asarray(t)[list(keep)])
+    y_expected, final_expected, expected = _float64_expected(
+        shape, jnp.dtype(dtype).name, seed, options, keep)
     check("y vs float64", pick(y), y_expected, vtol, seed)
     check("final vs float64", pick(final), final_expected, vtol, seed)
-    for name in names:
-        check(f"d{name} vs float64", pick(grads[name]), expected[name], gtol, seed)
+    for name, grad in expected.items():
+        check(f"d{name} vs float64", pick(grads[name]), grad, gtol, seed)
 
+
+@pytest.fixture
+def fused_passing(request, monkeypatch):
+    """Forces the fused chunk-state/passing kernels (True) or the per-chunk ones (False)."""
+    default = SSDBlockSizes.default
+
+    def forced(*args):
+        return dataclasses.replace(default(*args),
+                                   fused_passing_min_programs=0 if request.param else 2**62)
+
+    monkeypatch.setattr(SSDBlockSizes, "default", forced)
+    return request.param
+
+
+# --- the BSMamba2 shapes, compiled on a GPU (first: the most valuable) ---------------------------
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="BSMamba2 shapes take minutes in the "
+                              "interpreter; their CUDA lowering is tested below")
+
+
+@gpu_only
+@pytest.mark.parametrize("fused_passing", [True, False], ids=["fused", "scan"], indirect=True)
+@pytest.mark.parametrize("dtype", [bf16, f32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [TIME_AXIS, BAND_AXIS], ids=["time_axis", "band_axis"])
+def test_bsmamba2_shapes_two_sequences(shape, dtype, fused_passing):
+    """Two sequences of each model shape, both ways of passing states: everything against the
+    float64 recurrence (on the host) and "xla"."""
+    _check_all((2, *shape[1:]), dtype, seed_of("bsmamba2-2", shape, jnp.dtype(dtype).name), "all")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [bf16, f32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [TIME_AXIS, BAND_AXIS], ids=["time_axis", "band_axis"])
+def test_bsmamba2_shapes_model_batch(shape, dtype):
+    """One segment's worth of sequences (the model's batch 1) with the default tiles: against
+    "xla" everywhere, against float64 on the first and last sequence."""
+    _check_all(shape, dtype, seed_of("bsmamba2", shape, jnp.dtype(dtype).name), "all",
+               float64_sequences=[0, shape[0] - 1])
+
+
+# --- odd shapes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_values_match_float64_recurrence_and_xla(shape):
@@ -175,19 +233,6 @@ def test_bfloat16_values_and_gradients_stay_close(shape):
     """bf16 x, B, C, z (float32 states): against the float64 recurrence of the same rounded
     inputs and against "xla" in bf16."""
     _check_all(shape, bf16, seed_of("pallas-bf16", shape), "all")
-
-
-@pytest.fixture
-def fused_passing(request, monkeypatch):
-    """Forces the fused chunk-state/passing kernels (True) or the per-chunk ones (False)."""
-    default = SSDBlockSizes.default
-
-    def forced(*args):
-        return dataclasses.replace(default(*args),
-                                   fused_passing_min_programs=0 if request.param else 2**62)
-
-    monkeypatch.setattr(SSDBlockSizes, "default", forced)
-    return request.param
 
 
 @pytest.mark.parametrize("seqlen", [13, 40], ids=["one_chunk", "three_chunks"])
@@ -253,32 +298,6 @@ def test_several_tiles_per_chunk_and_head_dim():
     check("final", final, final_x, VALUE_TOL[f32], seed)
     for name in args:
         check(f"d{name}", grads[name], grads_x[name], GRAD_TOL[f32], seed)
-
-
-# --- the BSMamba2 shapes, compiled on a GPU ------------------------------------------------------
-
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="BSMamba2 shapes take minutes in the "
-                              "interpreter; their CUDA lowering is tested below")
-
-
-@gpu_only
-@pytest.mark.parametrize("dtype", [f32, bf16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [TIME_AXIS, BAND_AXIS], ids=["time_axis", "band_axis"])
-@pytest.mark.parametrize("fused_passing", [False, True], ids=["scan", "fused"], indirect=True)
-def test_bsmamba2_shapes_two_sequences(shape, dtype, fused_passing):
-    """Two sequences of each model shape, both ways of passing states: everything against the
-    float64 recurrence (on the host) and "xla"."""
-    _check_all((2, *shape[1:]), dtype, seed_of("bsmamba2-2", shape, str(dtype)), "all")
-
-
-@gpu_only
-@pytest.mark.parametrize("dtype", [f32, bf16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [TIME_AXIS, BAND_AXIS], ids=["time_axis", "band_axis"])
-def test_bsmamba2_shapes_model_batch(shape, dtype):
-    """One segment's worth of sequences (the model's batch 1) with the default tiles: against
-    "xla" everywhere, against float64 on the first and last sequence."""
-    _check_all(shape, dtype, seed_of("bsmamba2", shape, str(dtype)), "all",
-               xla_only_sequences=[0, shape[0] - 1])
 
 
 @pytest.mark.parametrize("bad, message", [
