@@ -2,20 +2,24 @@
 
     python benchmarks/roofline.py --json roofline.json                 # measure, print
     python benchmarks/roofline.py --json roofline.json --ssd ssd.json  # ... and the SSD table
-    python benchmarks/roofline.py --ceilings roofline.json --ssd ssd.json  # table, no re-measure
+    python benchmarks/roofline.py --ceilings roofline.json --ssd ssd*.json --peers peers*.json \
+        --markdown table.md                                            # table, no re-measure
 
 Ceilings (measured, not datasheet):
   copy bandwidth   y = x + 1 over a large float32 array (bytes read + bytes written) / time
   bf16 matmul rate a large bf16 x bf16 -> bf16 product, 2 M N K / time
-The table gives, per SSD row (from benchmarks/ssd.py --json): ms, achieved TB/s and TFLOP/s (with
-ssd.py's byte and FLOP counts), their share of the measured ceilings, and the memory floor
-(bytes / copy bandwidth) with the row's time over it.
+The table (Markdown) gives, per SSD row (benchmarks/ssd.py --json; benchmarks/peers.py --json
+for mamba_ssm's Triton kernels): ms; speed-up over "xla" and over mamba_ssm at the same shape,
+dtype and mode (their ms / this row's ms: > 1 is faster); achieved TB/s and TFLOP/s (ssd.py's
+byte and FLOP counts, the same for every impl) and their share of the measured ceilings; the
+memory floor (bytes / copy bandwidth) and the row's time over it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -54,52 +58,102 @@ def bf16_matmul_rate(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 / _median_seconds(f, mats, repeats)
 
 
+def _ratio(times: dict, key: tuple, impl: str, ms: float) -> str:
+    other = times.get((*key, impl))
+    return "-" if other is None else f"{other / ms:.2f}x"
+
+
 def ssd_table(rows: list[dict], bandwidth: float, matmul: float) -> list[str]:
-    """One line per SSD benchmark row; ssd.py's gbps/gflops are recomputed into bytes/FLOPs."""
-    head = (f"{'shape':<12} {'dtype':<9} {'mode':<7} {'impl':<7} {'ms':>9} {'TB/s':>6} "
-            f"{'%copy':>6} {'TFLOP/s':>8} {'%mma':>6} {'floor ms':>9} {'x floor':>8}")
-    lines = [head]
+    """Markdown lines, one row per SSD benchmark row; ssd.py's gbps/gflops are turned back into
+    bytes/FLOPs."""
+    times = {(r["name"], r["dtype"], r["mode"], r["impl"]): r["ms"] for r in rows}
+    lines = ["| shape | b | dtype | mode | impl | ms | xla ms / ms | mamba_ssm ms / ms | TB/s "
+             "| % copy | TFLOP/s | % mma | floor ms | x floor |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         seconds = r["ms"] / 1e3
         nbytes = r["gbps"] * 1e9 * seconds
         flops = r["gflops"] * 1e9 * seconds
         floor = nbytes / bandwidth
+        key = (r["name"], r["dtype"], r["mode"])
         lines.append(
-            f"{r['name']:<12} {r['dtype']:<9} {r['mode']:<7} {r['impl']:<7} {r['ms']:>9.3f} "
-            f"{nbytes / seconds / 1e12:>6.2f} {100 * nbytes / seconds / bandwidth:>5.1f}% "
-            f"{flops / seconds / 1e12:>8.1f} {100 * flops / seconds / matmul:>5.1f}% "
-            f"{floor * 1e3:>9.3f} {seconds / floor:>8.2f}")
+            f"| {r['name']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['impl']} "
+            f"| {r['ms']:.3f} | {_ratio(times, key, 'xla', r['ms'])} "
+            f"| {_ratio(times, key, 'mamba_ssm', r['ms'])} | {nbytes / seconds / 1e12:.2f} "
+            f"| {100 * nbytes / seconds / bandwidth:.1f} | {flops / seconds / 1e12:.1f} "
+            f"| {100 * flops / seconds / matmul:.1f} | {floor * 1e3:.3f} | {seconds / floor:.2f} |")
     return lines
+
+
+def goals(rows: list[dict], bandwidth: float) -> list[str]:
+    """The Pallas kernel's goals at the BSMamba2 time axis, forward+backward, per dtype."""
+    times = {(r["name"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    lines = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        key = ("time-axis", dtype, "fwdbwd")
+        pallas = times.get((*key, "pallas"))
+        if pallas is None:
+            continue
+        ms = pallas["ms"]
+        floor_ms = pallas["gbps"] * 1e9 * ms / bandwidth  # bytes / (bytes/s), in ms
+        parts = [f"x floor {ms / floor_ms:.2f} (goal <= 3)"]
+        if (xla := times.get((*key, "xla"))) is not None:
+            parts.insert(0, f"{xla['ms'] / ms:.2f}x xla (goal >= 2)")
+        if (peer := times.get((*key, "mamba_ssm"))) is not None:
+            parts.insert(1, f"{ms / peer['ms']:.2f}x mamba_ssm's time (goal <= 1.5)")
+        lines.append(f"- time axis, {dtype}, fwd+bwd: pallas " + ", ".join(parts))
+    return lines
+
+
+def _rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths or []:
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        else:
+            print(f"(no {path}: its rows are missing)")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=None, help="write the measured ceilings here")
-    parser.add_argument("--ssd", default=None, help="benchmarks/ssd.py --json output to tabulate")
+    parser.add_argument("--ssd", nargs="*", default=None,
+                        help="benchmarks/ssd.py --json outputs to tabulate")
+    parser.add_argument("--peers", nargs="*", default=None,
+                        help="benchmarks/peers.py --json outputs (mamba_ssm rows)")
+    parser.add_argument("--markdown", default=None, help="also write the table here")
     parser.add_argument("--ceilings", default=None,
                         help="read the ceilings from an earlier --json instead of measuring")
     parser.add_argument("--copy_gib", type=float, default=1.0)
     parser.add_argument("--matmul_size", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
     if args.ceilings:
         with open(args.ceilings) as f:
             measured = json.load(f)
         bandwidth, matmul = measured["copy_bytes_per_s"], measured["bf16_matmul_flops_per_s"]
+        device = measured.get("device", device)
     else:
-        bandwidth = copy_bandwidth(args.copy_gib)
-        matmul = bf16_matmul_rate(args.matmul_size)
-    print(f"device={device} backend={jax.default_backend()} jax={jax.__version__}")
-    print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s, bf16 matmul {matmul / 1e12:.1f} TFLOP/s")
+        bandwidth = copy_bandwidth(args.copy_gib, args.repeats)
+        matmul = bf16_matmul_rate(args.matmul_size, args.repeats)
+    head = (f"device={device} backend={jax.default_backend()} jax={jax.__version__}\n"
+            f"copy bandwidth {bandwidth / 1e12:.3f} TB/s, bf16 matmul {matmul / 1e12:.1f} TFLOP/s")
+    print(head)
     if args.json and not args.ceilings:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, jax=jax.__version__, copy_bytes_per_s=bandwidth,
                            bf16_matmul_flops_per_s=matmul), f, indent=1)
-    if args.ssd:
-        with open(args.ssd) as f:
-            rows = json.load(f)["rows"]
+    if args.ssd is not None or args.peers is not None:
+        rows = _rows(args.ssd) + _rows(args.peers)
+        lines = ssd_table(rows, bandwidth, matmul) + [""] + goals(rows, bandwidth)
         print()
-        print("\n".join(ssd_table(rows, bandwidth, matmul)))
+        print("\n".join(lines))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(head.replace("\n", "; ") + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
