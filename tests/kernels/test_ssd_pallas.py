@@ -425,6 +425,7 @@ def test_vmap_equals_the_batch_axis():
     check("final", flat(final), final_b, 1e-6, seed)
 
 
+@pytest.mark.slow  # ~30 s on 2 idle cores: the interpreted tiny model
 def test_model_exported_for_cpu_and_cuda_carries_triton_and_runs_on_cpu():
     """jax.export of the separator (tiny BSMamba2, ssd_impl="pallas") for ("cpu", "cuda") from
     this host: the CUDA module holds the Triton kernels, and the exported function run on the
