@@ -16,7 +16,6 @@ instead of 62 small ones.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ from flax import linen as nn
 
 from bsmamba2_jax.audio import istft, stft
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config, torch_bias_init
+from bsmamba2_jax.norms import L2RMSNorm, l2_rms_norm
 
 Dtype = Any
 
@@ -70,29 +70,6 @@ def unfold_mask(m: jax.Array, channels: int = 2) -> jax.Array:
     m = m.reshape(b, t, f, channels, 2)
     m = jnp.transpose(m, (0, 3, 2, 1, 4))  # (b, s, f, t, 2)
     return jax.lax.complex(m[..., 0], m[..., 1])
-
-
-def l2_rms_norm(x: jax.Array, gamma: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||_2, eps) * sqrt(dim) * gamma over the last axis, in float32.
-
-    The BS-RoFormer-family RMSNorm (F.normalize * sqrt(dim) * gamma) used by the authors outside
-    the Mamba2 mixers.
-    """
-    x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps) * math.sqrt(x.shape[-1]) * gamma.astype(jnp.float32)
-
-
-class L2RMSNorm(nn.Module):
-    """`l2_rms_norm` with a learned gamma (init 1) over the last axis."""
-
-    param_dtype: Dtype = jnp.float32  # storage dtype of gamma
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (..., d) -> (..., d) float32."""
-        gamma = self.param("gamma", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        return l2_rms_norm(x, gamma)
 
 
 class GroupedDense(nn.Module):
