@@ -3,7 +3,11 @@
     from bsmamba2_jax.model import BSMamba2
     model = BSMamba2(**config.model)
     params = model.init(rng, audio)          # audio (batch, 2, samples) float
-    vocals = model.apply(params, audio)      # (batch, 2, samples) float32
+    vocals = model.apply(params, audio)      # (batch, 2, samples) float32, no dropout
+    vocals = model.apply(params, audio, train=True, rngs={"dropout": key})   # training
+
+`mixer="transformer"` swaps the sequence model of both dual-path passes for BS-RoFormer's
+transformer (`bsmamba2_jax/roformer.py`, the paper's baseline; configs/bsroformer.py).
 
 Letters: b batch, t frames, f bins, k bands, d features, s stereo channels, m bands in a group,
 w bins in a band.
@@ -26,6 +30,7 @@ from flax import linen as nn
 from bsmamba2_jax.audio import istft, stft
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config, torch_bias_init
 from bsmamba2_jax.norms import L2RMSNorm, l2_rms_norm
+from bsmamba2_jax.roformer import ATTN_IMPLS, TransformerBlock, TransformerConfig
 
 Dtype = Any
 
@@ -144,11 +149,22 @@ class MaskEstimator(nn.Module):
         return jnp.concatenate(outs, axis=-1)
 
 
-class DualPathLayer(nn.Module):
-    """Bidirectional Mamba2 along time (one sequence per band), then along bands (per frame)."""
+SequenceConfig = Mamba2Config | TransformerConfig
+MIXERS = ("mamba2", "transformer")  # BSMamba2's bidirectional Mamba2, BS-RoFormer's transformer
 
-    time_mixer: Mamba2Config  # mixer of the time pass (chunk_size for ~T frames)
-    band_mixer: Mamba2Config  # mixer of the band pass (chunk for K bands)
+
+def sequence_block(config: SequenceConfig, param_dtype: Dtype, name: str) -> nn.Module:
+    """The sequence model of one pass, (b, l, d) -> (b, l, d) float32, chosen by config type."""
+    if isinstance(config, TransformerConfig):
+        return TransformerBlock(config, param_dtype=param_dtype, name=name)
+    return BiMamba2Block(config, param_dtype=param_dtype, name=name)
+
+
+class DualPathLayer(nn.Module):
+    """Sequence model along time (one sequence per band), then along bands (per frame)."""
+
+    time_mixer: SequenceConfig  # model of the time pass (Mamba2: chunk_size for ~T frames)
+    band_mixer: SequenceConfig  # model of the band pass (Mamba2: chunk for K bands)
     param_dtype: Dtype = jnp.float32  # storage dtype
 
     @nn.compact
@@ -156,10 +172,10 @@ class DualPathLayer(nn.Module):
         """x (b, t, k, d) -> (b, t, k, d) float32."""
         b, t, k, d = x.shape
         xt = jnp.transpose(x, (0, 2, 1, 3)).reshape(b * k, t, d)  # sequences over time
-        xt = BiMamba2Block(self.time_mixer, param_dtype=self.param_dtype, name="time")(xt)
+        xt = sequence_block(self.time_mixer, self.param_dtype, "time")(xt)
         x = jnp.transpose(xt.reshape(b, k, t, d), (0, 2, 1, 3))  # (b, t, k, d)
         xk = x.reshape(b * t, k, d)  # sequences over bands
-        xk = BiMamba2Block(self.band_mixer, param_dtype=self.param_dtype, name="band")(xk)
+        xk = sequence_block(self.band_mixer, self.param_dtype, "band")(xk)
         return xk.reshape(b, t, k, d)
 
 
@@ -185,7 +201,8 @@ class BSMamba2(nn.Module):
 
     STFT -> fold bands -> BandSplit -> depth x DualPathLayer -> L2RMSNorm -> MaskEstimator
     -> complex mask M -> iSTFT(X * M) trimmed to the input length. Fields = configs/bsmamba2.py
-    get_model_config().
+    get_model_config(); with mixer="transformer" the model is BS-RoFormer (configs/bsroformer.py),
+    and the Mamba2 fields are unused.
     """
 
     dim: int = 256  # d, band token features
@@ -201,6 +218,13 @@ class BSMamba2(nn.Module):
     chunk_size: int = 256  # SSD chunk along time
     band_chunk_size: int = 64  # SSD chunk along bands
     mask_hidden_mult: int = 4  # mask estimator hidden = mult * dim
+    mixer: str = "mamba2"  # sequence model of the passes: "mamba2" or "transformer"
+    heads: int = 8  # transformer: attention heads
+    dim_head: int = 48  # transformer: features per head
+    ff_mult: int = 4  # transformer: feed-forward hidden = ff_mult * dim
+    attn_dropout: float = 0.1  # transformer: on attention probabilities and output (train only)
+    ff_dropout: float = 0.1  # transformer: inside and after the feed-forward (train only)
+    attn_impl: str = "xla"  # transformer: "xla" or "cudnn" (fused GPU kernel, bf16 only)
     ssd_impl: str = "xla"  # "xla", "scan" or "pallas"
     dtype: Dtype = "float32"  # matmul / conv compute dtype (string or dtype)
     remat: bool = False  # jax.checkpoint each dual-path layer
@@ -211,10 +235,27 @@ class BSMamba2(nn.Module):
                             headdim=self.headdim, ngroups=self.ngroups, d_conv=self.d_conv,
                             chunk_size=chunk_size, ssd_impl=self.ssd_impl, dtype=dtype)
 
+    def _transformer(self, dtype: jnp.dtype, train: bool) -> TransformerConfig:
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"Unknown attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}")
+        if train and max(self.attn_dropout, self.ff_dropout) > 0 and not self.has_rng("dropout"):
+            raise ValueError("train=True with dropout needs a 'dropout' rng: "
+                             "model.apply(params, audio, train=True, rngs={'dropout': key})")
+        return TransformerConfig(dim=self.dim, heads=self.heads, dim_head=self.dim_head,
+                                 ff_mult=self.ff_mult, attn_dropout=self.attn_dropout,
+                                 ff_dropout=self.ff_dropout, attn_impl=self.attn_impl,
+                                 dtype=dtype, deterministic=not train)
+
     @nn.compact
-    def __call__(self, audio: jax.Array) -> jax.Array:
-        """audio (b, 2, samples) float -> vocals (b, 2, samples) float32."""
+    def __call__(self, audio: jax.Array, train: bool = False) -> jax.Array:
+        """audio (b, 2, samples) float -> vocals (b, 2, samples) float32.
+
+        train=True turns the transformer's dropout on (needs rngs={"dropout": key}); the
+        Mamba2 model has no dropout and ignores it.
+        """
         audio = check_audio(audio)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"Unknown mixer {self.mixer!r}; use one of {MIXERS}")
         dtype = resolve_dtype(self.dtype)
         widths = tuple(int(w) for w in self.band_widths)
         bins = self.n_fft // 2 + 1
@@ -230,8 +271,11 @@ class BSMamba2(nn.Module):
         x = BandSplit(widths, self.dim, dtype=dtype, param_dtype=self.param_dtype,
                       name="band_split")(fold_spectrum(spec))  # (b, t, k, d)
         layer = nn.remat(DualPathLayer) if self.remat else DualPathLayer
-        time_mixer = self._mixer(self.chunk_size, dtype)
-        band_mixer = self._mixer(self.band_chunk_size, dtype)
+        if self.mixer == "transformer":
+            time_mixer = band_mixer = self._transformer(dtype, train)
+        else:
+            time_mixer = self._mixer(self.chunk_size, dtype)
+            band_mixer = self._mixer(self.band_chunk_size, dtype)
         for i in range(self.depth):
             x = layer(time_mixer, band_mixer, param_dtype=self.param_dtype,
                       name=f"layer{i}")(x)
