@@ -21,7 +21,7 @@ from typing import Any
 
 # Fields of the model config that say how to run it, not what was trained: callers may override
 # them (e.g. evaluate.py's --config.model.ssd_impl); any other field must come from the checkpoint.
-EXECUTION_FIELDS = ("ssd_impl", "remat", "dtype")
+EXECUTION_FIELDS = ("ssd_impl", "attn_impl", "remat", "dtype")
 WEIGHTS = ("ema", "raw")
 
 
