@@ -363,3 +363,16 @@ def test_bad_mixer_and_attention_impl_are_named(tiny):
         tiny_roformer(mixer="mamba").apply(params, audio)
     with pytest.raises(ValueError, match="Unknown attn_impl 'flash'"):
         tiny_roformer(attn_impl="flash").apply(params, audio)
+
+
+def test_model_file_round_trip_keeps_the_transformer(tiny, tmp_path):
+    """A BS-RoFormer model file loads back as one (what separate.py and evaluate.py use), and
+    attn_impl may be overridden at load time like ssd_impl."""
+    from bsmamba2_jax import export
+    from bsmamba2_jax.loading import load_model
+
+    _, params, audio, default = tiny
+    path = export.save_model(tmp_path / "roformer.msgpack", params, get_config("tiny"), step=6)
+    model, loaded, config = load_model(path, overrides={"attn_impl": "xla"})
+    assert model.mixer == "transformer" and config["model"]["heads"] == 2
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(loaded, audio)), default)
