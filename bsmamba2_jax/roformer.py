@@ -1,4 +1,4 @@
-"""BS-RoFormer's transformer: the other dual-path sequence model (`BSMamba2(mixer="transformer")`).
+"""BS-RoFormer's transformer: the other dual-path sequence model (docs/DESIGN.md#roformer).
 
 The paper's baseline, BS-RoFormer, is the authors' model class with a transformer in place of
 the bidirectional Mamba2 block (EuiYeonKim/BSMamba2 `src/model/bs_model.py`,
