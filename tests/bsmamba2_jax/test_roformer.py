@@ -285,10 +285,9 @@ def tiny():
 
 def test_dropout_is_off_by_default_and_on_in_training(tiny):
     model, params, audio, default = tiny
+    # `default` came from model.apply(params, audio) without rngs: had it any dropout on, flax
+    # would have refused to run it without a 'dropout' rng.
     assert default.shape == audio.shape and np.all(np.isfinite(default))
-    # An rng alone turns nothing on: model.apply(params, audio) is the deterministic forward.
-    with_rng = jax.jit(lambda p, a, key: model.apply(p, a, rngs={"dropout": key}))
-    np.testing.assert_array_equal(np.asarray(with_rng(params, audio, jax.random.key(3))), default)
     train = jax.jit(lambda p, a, key: model.apply(p, a, train=True, rngs={"dropout": key}))
     first = np.asarray(train(params, audio, jax.random.key(1)))
     np.testing.assert_array_equal(first, np.asarray(train(params, audio, jax.random.key(1))))
@@ -337,6 +336,7 @@ def test_fixture_size_parameter_count():
     assert count_params(shapes) == 1_507_332 - 16
 
 
+@pytest.mark.slow  # ~60 CPU-seconds, most of it compiling the gradient
 def test_tiny_config_trains_forward_and_backward(tiny):
     model, params, audio, _ = tiny
     target = 0.5 * audio
