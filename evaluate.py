@@ -11,8 +11,8 @@ file (`python -m bsmamba2_jax.export`); without one, --workdir itself. --label n
 tables (default: its folder or file name and step). The weights are the raw ones by default, as the
 paper's numbers were made (the authors' evaluation loads the checkpoint's state_dict); --weights=ema
 scores the moving average. The architecture comes from the checkpoint; --config gives the data
-(--config.data.root; empty = the synthetic set of --workdir) and how to run (ssd_impl, remat);
---dtype sets the compute dtype (the authors test under float16 autocast).
+(--config.data.root; empty = the synthetic set of --workdir) and how to run (ssd_impl, attn_impl,
+remat); --dtype sets the compute dtype (the authors test under float16 autocast).
 
 Results go to DIR/eval/<split>/<model key>/seg<S>_ov<O>_shifts<N>/ (bsmamba2_jax/eval_io.py), one
 folder per weights: a rerun reuses the tracks its own weights scored, never another checkpoint's
@@ -208,7 +208,8 @@ def load_candidates(config: Any, opts: Options) -> list[Candidate]:
     from bsmamba2_jax.loading import build_model, read_weights
 
     # How to run comes from --config and --dtype; what was trained from the checkpoint.
-    overrides = {k: config.model[k] for k in ("ssd_impl", "remat") if k in config.model}
+    overrides = {k: config.model[k] for k in ("ssd_impl", "attn_impl", "remat")
+                 if k in config.model}
     if opts.dtype is not None:
         overrides["dtype"] = opts.dtype
     rate = int(config.data.sample_rate)
