@@ -1,0 +1,121 @@
+"""A minimal torch.save-format writer for tests (no PyTorch): crafted and edited checkpoints.
+
+    write_torch_zip(path, {"w": Tensor(np.ones(3, np.float32))})
+    write_torch_zip(path, Call(Global("os", "system"), ("touch x",)))   # a malicious pickle
+
+Tensors become `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False,
+OrderedDict())` with the storage as persistent id `("storage", torch.<X>Storage, key, "cpu",
+numel)` and its bytes in `<prefix>/data/<key>`, as torch.save writes them (protocol 2).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORAGE_NAMES = {"float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
+                 "int64": "LongStorage", "int32": "IntStorage", "uint8": "ByteStorage",
+                 "bool": "BoolStorage"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Global:
+    """A `module name` global reference, written as the GLOBAL opcode without importing it."""
+
+    module: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """`func(*args)` in the pickle (the REDUCE opcode)."""
+
+    func: Global
+    args: tuple = ()
+
+
+@dataclasses.dataclass(eq=False)
+class Tensor:
+    """A tensor over the flat storage `data`; offset and stride in elements (default contiguous)."""
+
+    data: np.ndarray  # the whole storage, any shape (flattened)
+    shape: tuple | None = None
+    stride: tuple | None = None
+    offset: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Storage:
+    key: str
+    data: np.ndarray
+
+
+class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can be extended
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, f: Any, byteorder: str) -> None:
+        super().__init__(f, protocol=2)
+        self.records: dict[str, bytes] = {}
+        self.byteorder = byteorder
+        self._storage_ids: dict[int, _Storage] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _Storage):
+            return ("storage", Global("torch", STORAGE_NAMES[obj.data.dtype.name]), obj.key,
+                    "cpu", obj.data.size)
+        return None
+
+    def _save_global(self, obj: Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+    def _save_call(self, obj: Call) -> None:
+        self.save(obj.func)
+        self.save(tuple(obj.args))
+        self.write(pickle.REDUCE)
+
+    def _save_tensor(self, t: Tensor) -> None:
+        if id(t.data) not in self._storage_ids:
+            key = str(len(self._storage_ids))
+            flat = np.ascontiguousarray(t.data).reshape(-1)
+            order = "<" if self.byteorder == "little" else ">"
+            self.records[f"data/{key}"] = flat.astype(flat.dtype.newbyteorder(order)).tobytes()
+            self._storage_ids[id(t.data)] = _Storage(key, flat)
+        storage = self._storage_ids[id(t.data)]
+        shape = tuple(t.shape if t.shape is not None else np.shape(t.data))
+        stride = t.stride
+        if stride is None:
+            stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        self._save_call(Call(Global("torch._utils", "_rebuild_tensor_v2"),
+                             (storage, t.offset, shape, tuple(stride), False,
+                              collections.OrderedDict())))
+
+    dispatch[Global] = _save_global
+    dispatch[Call] = _save_call
+    dispatch[Tensor] = _save_tensor
+
+
+def write_torch_zip(path: str | Path, obj: Any, prefix: str = "archive",
+                    byteorder: str = "little", records: dict[str, bytes] | None = None) -> Path:
+    """Writes `obj` as torch.save would; `records` adds or replaces raw records."""
+    buf = io.BytesIO()
+    pickler = _Pickler(buf, byteorder)
+    pickler.dump(obj)
+    all_records = {"data.pkl": buf.getvalue(), "byteorder": byteorder.encode(),
+                   "version": b"3\n", **pickler.records, **(records or {})}
+    path = Path(path)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in all_records.items():
+            zf.writestr(f"{prefix}/{name}", data)
+    return path
+
+
+def state_dict_of(ckpt_root: Any) -> dict:
+    """Our reader's TorchTensors -> Tensors (materialised), keeping the order."""
+    return collections.OrderedDict((k, Tensor(v.numpy())) for k, v in ckpt_root.items())
