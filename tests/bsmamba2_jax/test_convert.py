@@ -1,0 +1,227 @@
+"""The authors' checkpoints on our model: expected outputs, strict mapping, registry, command."""
+
+from __future__ import annotations
+
+import collections
+import json
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bsmamba2_jax import convert, export
+from bsmamba2_jax import torch_checkpoint as tc
+from bsmamba2_jax.model import BSMamba2
+from configs.bsmamba2 import PAPER_BAND_WIDTHS, get_config
+from tests.bsmamba2_jax.torch_zip import Tensor, write_torch_zip
+
+FIXTURES = Path(__file__).parent.parent / "data" / "authors_ckpt"
+AUTHORS = FIXTURES / "authors_tiny.ckpt"
+MSST = FIXTURES / "msst_tiny.ckpt"
+FIXTURE_PARAMS = 744_212  # fixture.json
+
+
+@pytest.fixture(scope="module")
+def apply_fn():
+    """One jitted forward per model config (all fixtures share one)."""
+    cache = {}
+
+    def get(config):
+        key = json.dumps(config["model"], sort_keys=True)
+        if key not in cache:
+            cache[key] = jax.jit(BSMamba2(**config["model"]).apply)
+        return cache[key]
+    return get
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("path,weights", [(AUTHORS, "raw"), (AUTHORS, "ema"), (MSST, "raw")],
+                         ids=["lightning-raw", "lightning-ema", "state_dict-raw"])
+def test_fixture_outputs(apply_fn, path, weights):
+    params, config, info = convert.load_torch_model(path, weights)
+    audio = np.load(FIXTURES / "input.npy")
+    vocals = np.asarray(apply_fn(config)(params, audio))
+    expected = np.load(FIXTURES / f"expected_{weights}.npy")
+    other = np.load(FIXTURES / f"expected_{'ema' if weights == 'raw' else 'raw'}.npy")
+    assert _rel(vocals, expected) < 1e-5, (path.name, weights, _rel(vocals, expected))
+    assert _rel(vocals, other) > 1e-3  # the other weights give another output
+    assert info["weights"] == weights and info["params"] == FIXTURE_PARAMS
+
+
+def test_inferred_config_and_info():
+    _, config, info = convert.load_torch_model(AUTHORS, "raw")
+    assert config["model"] == {
+        "dim": 16, "depth": 2, "band_widths": PAPER_BAND_WIDTHS, "n_fft": 2048,
+        "hop_length": 441, "expand": 4, "d_state": 128, "headdim": 64, "ngroups": 1,
+        "d_conv": 4, "chunk_size": 256, "band_chunk_size": 64, "mask_hidden_mult": 4,
+        "ssd_impl": "xla", "dtype": "float32", "remat": False}
+    assert config["sample_rate"] == 44100 and config["segment_seconds"] == 8.0
+    assert (info["layout"], info["epoch"], info["global_step"]) == ("lightning", 11, 1200)
+    assert (info["ema_step"], info["ema_decay"]) == (1200, 0.999)
+    assert info["release"] is None and info["sha256"] is None  # no release has this size
+    _, msst_config, msst_info = convert.load_torch_model(MSST, "raw")
+    assert msst_config == config and msst_info["layout"] == "state_dict"
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_loads_only_the_chosen_weights(monkeypatch, weights):
+    with tc.read_checkpoint(AUTHORS) as ckpt:
+        sd = ckpt.root["state_dict"]
+        opt = ckpt.root["optimizer_states"][0]
+        raw = {t.storage.key for k, t in sd.items() if k.startswith("model.")}
+        windows = {t.storage.key for k, t in sd.items() if not k.startswith("model.")}
+        ema = {t.storage.key for t in opt["ema"]}
+        adam = {t.storage.key for s in opt["opt"]["state"].values() for t in s.values()}
+    read = set()
+    original = tc.TorchCheckpoint.read_record
+    monkeypatch.setattr(tc.TorchCheckpoint, "read_record",
+                        lambda self, name: read.add(name) or original(self, name))
+    convert.load_torch_model(AUTHORS, weights)
+    storages = {r.removeprefix("data/") for r in read if r.startswith("data/")}
+    assert storages == (raw if weights == "raw" else ema) | windows
+    assert not storages & adam
+
+
+def test_bare_state_dict_has_no_ema():
+    with pytest.raises(convert.ConversionError, match="no EMA weights.*--weights raw"):
+        convert.load_torch_model(MSST, "ema")
+    with pytest.raises(ValueError, match="Unknown weights"):
+        convert.load_torch_model(MSST, "best")
+
+
+def test_config_is_checked_against_the_tensors():
+    with pytest.raises(convert.ConversionError, match="dim: the checkpoint has 16 .*final_norm"):
+        convert.load_torch_model(MSST, model_config=get_config("tiny").model)
+    with pytest.raises(convert.ConversionError, match="depth: the checkpoint has 2"):
+        convert.load_torch_model(MSST, model_config={"dim": 16, "depth": 6})
+    # A fitting config is accepted, and its run fields are used.
+    _, config, _ = convert.load_torch_model(
+        MSST, model_config={"dim": 16, "depth": 2, "band_widths": list(PAPER_BAND_WIDTHS),
+                            "ssd_impl": "scan", "chunk_size": 32, "dtype": "bfloat16"})
+    assert (config["model"]["ssd_impl"], config["model"]["chunk_size"],
+            config["model"]["dtype"]) == ("scan", 32, "bfloat16")
+
+
+def _bare(edit) -> collections.OrderedDict:
+    """msst_tiny's state_dict, materialised, after `edit(dict)`."""
+    with tc.read_checkpoint(MSST) as ckpt:
+        sd = collections.OrderedDict((k, Tensor(v.numpy())) for k, v in ckpt.root.items())
+    edit(sd)
+    return sd
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("extra", r"1 tensors of the checkpoint have no place.*layers\.0\.0\.extra\.weight"),
+    ("missing", r"layers\.1\.1\.backward_blocks\.0\.mixer\.D is missing"),
+    ("shape", r"layers\.1\.0\.forward_blocks\.0\.mixer\.conv1d\.bias has shape \(321,\), "
+              r"expected \(320,\)"),
+    ("second_stem", r"2 stems"),
+    ("mono", r"band_split\.to_features\.3\.0\.gamma has 6 features.*mono"),
+])
+def test_misfit_names_the_key(tmp_path, case, match):
+    rng = _rng(f"test_misfit_names_the_key/{case}")
+
+    def edit(sd):
+        if case == "extra":
+            sd["layers.0.0.extra.weight"] = Tensor(rng.standard_normal(3).astype(np.float32))
+        elif case == "missing":
+            del sd["layers.1.1.backward_blocks.0.mixer.D"]
+        elif case == "shape":
+            sd["layers.1.0.forward_blocks.0.mixer.conv1d.bias"] = Tensor(
+                rng.standard_normal(321).astype(np.float32))
+        elif case == "second_stem":
+            for k in [k for k in sd if k.startswith("mask_estimators.0.")]:
+                sd["mask_estimators.1." + k[len("mask_estimators.0."):]] = sd[k]
+        elif case == "mono":
+            sd["band_split.to_features.3.0.gamma"] = Tensor(np.ones(6, np.float32))
+    path = write_torch_zip(tmp_path / f"{case}.ckpt", _bare(edit))
+    with pytest.raises(convert.ConversionError, match=match):
+        convert.load_torch_model(path)
+
+
+def _lightning(tmp_path: Path, name: str, ema_edit=None, window=None) -> Path:
+    """authors_tiny's layout rebuilt from its materialised tensors, with edits."""
+    with tc.read_checkpoint(AUTHORS) as ckpt:
+        sd = collections.OrderedDict((k, Tensor(v.numpy()))
+                                     for k, v in ckpt.root["state_dict"].items())
+        ema = [Tensor(t.numpy()) for t in ckpt.root["optimizer_states"][0]["ema"]]
+    if ema_edit:
+        ema = ema_edit(ema)
+    if window is not None:
+        sd["featurizer.window"] = Tensor(window)
+    root = {"epoch": 3, "global_step": 300, "state_dict": sd,
+            "optimizer_states": [{"ema": tuple(ema), "current_step": 300, "decay": 0.999}]}
+    return write_torch_zip(tmp_path / f"{name}.ckpt", root)
+
+
+def test_ema_tuple_is_checked(tmp_path):
+    short = _lightning(tmp_path, "short", ema_edit=lambda e: e[:-1])
+    with pytest.raises(convert.ConversionError, match="holds 514 entries.*515 parameters"):
+        convert.load_torch_model(short, "ema")
+    # Parameters 0 (norm.weight (16,)) and 1 (mixer.dt_bias (1,)) swapped: out of order.
+    swapped = _lightning(tmp_path, "swapped", ema_edit=lambda e: [e[1], e[0]] + e[2:])
+    with pytest.raises(convert.ConversionError,
+                       match=r"\['ema'\]\[0\] has shape \(1,\).*layers\.0\.0\.forward_blocks"):
+        convert.load_torch_model(swapped, "ema")
+    convert.load_torch_model(swapped, "raw")  # the raw weights do not need the tuple
+
+
+def test_stft_window_is_checked(tmp_path):
+    symmetric = np.hanning(2048).astype(np.float32)
+    path = _lightning(tmp_path, "symmetric", window=symmetric)
+    with pytest.raises(convert.ConversionError, match="featurizer.window is a symmetric Hann"):
+        convert.load_torch_model(path)
+
+
+def test_release_registry(tmp_path, monkeypatch):
+    fixture = json.loads((FIXTURES / "fixture.json").read_text())
+    sha = fixture["sha256"]["msst_tiny.ckpt"]
+    assert convert.sha256_file(MSST) == sha
+    fake = convert.Release("the tiny test release", "msst_tiny.ckpt", MSST.stat().st_size, sha,
+                           "state_dict", "tests/data", "not stated", "-")
+    monkeypatch.setattr(convert, "RELEASES", (fake,))
+    _, _, info = convert.load_torch_model(MSST)
+    assert info["release"] == "the tiny test release" and info["sha256"] == sha
+    assert "sha256 verified" in convert.describe(info)
+    # Same size, other bytes: not the release.
+    other = tmp_path / "other.ckpt"
+    blob = bytearray(MSST.read_bytes())
+    blob[-1] ^= 1  # in the zip's end record comment length: still the same size
+    other.write_bytes(bytes(blob))
+    release, digest, note = convert.identify_release(other)
+    assert release is None and digest != sha and "another sha256" in note
+
+
+def test_known_releases_are_recorded():
+    by_file = {r.file_name: r for r in convert.RELEASES}
+    assert by_file["sota_model.ckpt"].size == 770_628_060
+    assert by_file["sota_model.ckpt"].layout == "lightning"
+    assert by_file["bs_mamba2_vocals.ckpt"].size == 192_610_602
+    assert all(len(r.sha256) == 64 and r.where and r.licence for r in convert.RELEASES)
+
+
+def test_command_writes_a_model_file(tmp_path, capsys):
+    out = tmp_path / "tiny.msgpack"
+    assert convert.main([str(AUTHORS), str(out), "--weights", "ema"]) == 0
+    printed = capsys.readouterr().out
+    assert "lightning layout, ema weights" in printed and "wrote" in printed
+    params, config = export.load_model(out)
+    want, want_config, _ = convert.load_torch_model(AUTHORS, "ema")
+    assert config["model"] == want_config["model"] and config["weights"] == "ema"
+    assert config["source"]["file"] == AUTHORS.name and config["source"]["global_step"] == 1200
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
+def test_command_reports_bad_input(tmp_path, capsys):
+    out = tmp_path / "x.msgpack"
+    assert convert.main([str(FIXTURES / "input.npy"), str(out)]) == 1
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err and not out.exists()
