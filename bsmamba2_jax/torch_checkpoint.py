@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import pickle
 import zipfile
 import zlib
@@ -342,7 +343,7 @@ class TorchCheckpoint:
             self._storages: dict[str, Storage] = {}
             pkl = self.read_record("data.pkl")
             try:
-                self.root = _RestrictedUnpickler(_BytesReader(pkl), self).load()
+                self.root = _RestrictedUnpickler(io.BytesIO(pkl), self).load()
             except TorchCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad data.pkl
@@ -404,28 +405,6 @@ class TorchCheckpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class _BytesReader:
-    """A minimal file over bytes for pickle (read / readline / readinto)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n is None or n < 0 else self._pos + n
-        out = bytes(self._data[self._pos:end])
-        self._pos += len(out)
-        return out
-
-    def readinto(self, buf: Any) -> int:
-        chunk = self.read(len(buf))
-        buf[:len(chunk)] = chunk
-        return len(chunk)
-
-    def readline(self) -> bytes:
-        end = bytes(self._data[self._pos:]).find(b"\n")
-        return self.read(-1 if end < 0 else end + 1)
 
 
 def _open_archive(path: Path) -> zipfile.ZipFile:
