@@ -219,14 +219,17 @@ def _some(keys: Any, n: int = 5) -> str:
 class Rule:
     """One leaf of our params from one torch tensor, or from several stacked on a new axis 0.
 
-    `shape` is what each torch tensor must have; `layout` turns it into our layout.
+    `shape` is what each torch tensor must have; `layout` turns it into our layout. A rule with
+    `path=None` loads nothing: its tensor is a fixed value that our model computes itself (e.g.
+    rotary frequencies), and `check(array)` raises ConversionError if it is not that value.
     """
 
-    path: tuple[str, ...]  # leaf path under params["params"]
+    path: tuple[str, ...] | None  # leaf path under params["params"]; None: check only
     keys: tuple[str, ...]  # torch names (several: one per band of a group, stacked)
     shape: tuple[int, ...]  # expected torch shape of each
     layout: Callable[[np.ndarray], np.ndarray] = lambda a: a
     stack: bool = False  # stack the tensors of `keys` on a new axis 0
+    check: Callable[[np.ndarray], None] | None = None  # for path=None
 
 
 def linear_t(a: np.ndarray) -> np.ndarray:
@@ -250,7 +253,8 @@ class Architecture:
 
     infer(shapes, dim, model_config) -> (fields, evidence): BSMamba2 fields read off the shapes
       of `layers.0.*` (evidence: field -> the torch key it came from).
-    layer_rules(i, config) -> rules of dual-path layer i (torch keys without the `model.` prefix).
+    layer_rules(i, config) -> rules of dual-path layer i (torch keys without the `model.` prefix;
+      tensors our model computes itself get check-only rules, `Rule(path=None, check=...)`).
     is_buffer(key) -> True for state_dict entries that are not in `model.parameters()` (so not
       in the EMA tuple).
     """
@@ -524,6 +528,8 @@ def check_leaves(rules: list[Rule], config: Mapping) -> None:
     leaves = expected_leaves(config)
     made: dict[tuple[str, ...], tuple[int, ...]] = {}
     for r in rules:
+        if r.path is None:
+            continue
         path = ("params",) + r.path
         if path in made:
             raise AssertionError(f"mapping bug: leaf {'/'.join(path)} filled twice")
@@ -551,6 +557,9 @@ def build_params(rules: list[Rule], tensors: Mapping[str, TorchTensor]) -> dict:
                 raise ConversionError(f"{k} is {t.dtype}, expected a floating-point weight")
             arrays.append(r.layout(t.numpy().astype(np.float32, copy=False)))
         leaf = np.stack(arrays) if r.stack else arrays[0]
+        if r.path is None:
+            r.check(leaf)
+            continue
         node = out
         for name in r.path[:-1]:
             node = node.setdefault(name, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -146,6 +147,31 @@ def test_misfit_names_the_key(tmp_path, case, match):
     path = write_torch_zip(tmp_path / f"{case}.ckpt", _bare(edit))
     with pytest.raises(convert.ConversionError, match=match):
         convert.load_torch_model(path)
+
+
+def test_check_only_rules_for_fixed_tensors(tmp_path, monkeypatch):
+    """An architecture can declare tensors that are checked, not loaded (rotary frequencies)."""
+    want = np.arange(3, dtype=np.float32)
+    seen = []
+
+    def check(a):
+        seen.append(a)
+        if not np.array_equal(a, want):
+            raise convert.ConversionError("layers.0.0.freqs differs")
+    base = convert.ARCHITECTURES["mamba2"]
+    arch = dataclasses.replace(base, layer_rules=lambda i, c: base.layer_rules(i, c) + (
+        [convert.Rule(None, ("layers.0.0.freqs",), (3,), check=check)] if i == 0 else []))
+    monkeypatch.setitem(convert.ARCHITECTURES, "mamba2", arch)
+    for name, value in (("ok", want), ("bad", want + 1)):
+        path = write_torch_zip(tmp_path / f"{name}.ckpt", _bare(
+            lambda sd, v=value: sd.__setitem__("layers.0.0.freqs", Tensor(v))))
+        if name == "ok":
+            params, _, _ = convert.load_torch_model(path)
+            assert "freqs" not in str(jax.tree_util.tree_structure(params))
+        else:
+            with pytest.raises(convert.ConversionError, match="freqs differs"):
+                convert.load_torch_model(path)
+    assert len(seen) == 2
 
 
 def _lightning(tmp_path: Path, name: str, ema_edit=None, window=None) -> Path:
