@@ -148,23 +148,26 @@ class TorchWeights:
     meta: dict  # epoch, global_step, ema_step, ema_decay, hyper_parameters (plain)
 
 
-def plain_hparams(x: Any) -> Any:
+def plain_hparams(x: Any, depth: int = 0) -> Any:
     """omegaconf containers (loaded as placeholders) -> plain dicts/lists, best effort.
 
     A DictConfig/ListConfig keeps its children in state["_content"], a value node its value in
-    state["_val"]; anything else unknown becomes its placeholder's name.
+    state["_val"]; anything else unknown becomes its placeholder's name. Deeper than 32 levels
+    (or a cycle) becomes "<...>".
     """
+    if depth > 32:
+        return "<...>"
     if isinstance(x, Placeholder):
         state = x.state if isinstance(x.state, dict) else {}
         if "_content" in state:
-            return plain_hparams(state["_content"])
+            return plain_hparams(state["_content"], depth + 1)
         if "_val" in state:
-            return plain_hparams(state["_val"])
+            return plain_hparams(state["_val"], depth + 1)
         return f"<{x.global_name}>"
     if isinstance(x, Mapping):
-        return {str(k): plain_hparams(v) for k, v in x.items()}
+        return {str(k): plain_hparams(v, depth + 1) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [plain_hparams(v) for v in x]
+        return [plain_hparams(v, depth + 1) for v in x]
     if isinstance(x, TorchTensor):
         return f"<tensor {x.shape} {x.dtype}>"
     return x
@@ -689,6 +692,9 @@ def _dig(tree: Any, keys: tuple[str, ...]) -> Any:
 def describe(info: Mapping) -> str:
     """What `load_torch_model` loaded, in a few lines for users."""
     lines = [f"{info['file']} ({info['size']:,} bytes): {info['release_note']}"]
+    for r in RELEASES:
+        if r.name == info.get("release"):
+            lines.append(f"published scores: {r.scores}; licence: {r.licence}")
     where = [f"{info['layout']} layout", f"{info['weights']} weights",
              f"{info['params']:,} parameters"]
     for k in ("epoch", "global_step", "ema_step", "ema_decay"):

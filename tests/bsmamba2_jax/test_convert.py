@@ -174,7 +174,7 @@ def test_check_only_rules_for_fixed_tensors(tmp_path, monkeypatch):
     assert len(seen) == 2
 
 
-def _lightning(tmp_path: Path, name: str, ema_edit=None, window=None) -> Path:
+def _lightning(tmp_path: Path, name: str, ema_edit=None, window=None, hparams=None) -> Path:
     """authors_tiny's layout rebuilt from its materialised tensors, with edits."""
     with tc.read_checkpoint(AUTHORS) as ckpt:
         sd = collections.OrderedDict((k, Tensor(v.numpy()))
@@ -185,7 +185,8 @@ def _lightning(tmp_path: Path, name: str, ema_edit=None, window=None) -> Path:
     if window is not None:
         sd["featurizer.window"] = Tensor(window)
     root = {"epoch": 3, "global_step": 300, "state_dict": sd,
-            "optimizer_states": [{"ema": tuple(ema), "current_step": 300, "decay": 0.999}]}
+            "optimizer_states": [{"ema": tuple(ema), "current_step": 300, "decay": 0.999}],
+            "hyper_parameters": hparams}
     return write_torch_zip(tmp_path / f"{name}.ckpt", root)
 
 
@@ -206,6 +207,22 @@ def test_stft_window_is_checked(tmp_path):
     path = _lightning(tmp_path, "symmetric", window=symmetric)
     with pytest.raises(convert.ConversionError, match="featurizer.window is a symmetric Hann"):
         convert.load_torch_model(path)
+
+
+def test_hyper_parameters_are_only_read(tmp_path):
+    loop = []
+    loop.append(loop)  # a cycle must not hang or crash the reader
+    path = _lightning(tmp_path, "loop", hparams={"cfg": {"x": loop}})
+    convert.load_torch_model(path)
+    # What the authors' config says is checked against the tensors.
+    path = _lightning(tmp_path, "roformer", hparams={"cfg": {"model": {
+        "module_type": "transformer"}}})
+    with pytest.raises(convert.ConversionError, match="module_type='transformer'"):
+        convert.load_torch_model(path)
+    # The hop length is not in the weights; the authors' featurizer config records it.
+    path = _lightning(tmp_path, "hop", hparams={"cfg": {"featurizer": {"direct_transform": {
+        "hop_length": 512}}}})
+    assert convert.load_torch_model(path)[1]["model"]["hop_length"] == 512
 
 
 def test_release_registry(tmp_path, monkeypatch):
