@@ -152,7 +152,8 @@ def plain_hparams(x: Any, depth: int = 0) -> Any:
     """omegaconf containers (loaded as placeholders) -> plain dicts/lists, best effort.
 
     A DictConfig/ListConfig keeps its children in state["_content"], a value node its value in
-    state["_val"]; anything else unknown becomes its placeholder's name. Deeper than 32 levels
+    state["_val"], a dict subclass its items; anything else unknown becomes its placeholder's
+    name. Deeper than 32 levels
     (or a cycle) becomes "<...>".
     """
     if depth > 32:
@@ -163,6 +164,8 @@ def plain_hparams(x: Any, depth: int = 0) -> Any:
             return plain_hparams(state["_content"], depth + 1)
         if "_val" in state:
             return plain_hparams(state["_val"], depth + 1)
+        if x.items:  # a dict subclass, e.g. Lightning's AttributeDict
+            return plain_hparams(x.items, depth + 1)
         return f"<{x.global_name}>"
     if isinstance(x, Mapping):
         return {str(k): plain_hparams(v, depth + 1) for k, v in x.items()}

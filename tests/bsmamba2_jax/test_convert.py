@@ -16,7 +16,7 @@ from bsmamba2_jax import convert, export
 from bsmamba2_jax import torch_checkpoint as tc
 from bsmamba2_jax.model import BSMamba2
 from configs.bsmamba2 import PAPER_BAND_WIDTHS, get_config
-from tests.bsmamba2_jax.torch_zip import Tensor, write_torch_zip
+from tests.bsmamba2_jax.torch_zip import DictOf, Global, Tensor, write_torch_zip
 
 FIXTURES = Path(__file__).parent.parent / "data" / "authors_ckpt"
 AUTHORS = FIXTURES / "authors_tiny.ckpt"
@@ -219,9 +219,11 @@ def test_hyper_parameters_are_only_read(tmp_path):
         "module_type": "transformer"}}})
     with pytest.raises(convert.ConversionError, match="module_type='transformer'"):
         convert.load_torch_model(path)
-    # The hop length is not in the weights; the authors' featurizer config records it.
-    path = _lightning(tmp_path, "hop", hparams={"cfg": {"featurizer": {"direct_transform": {
-        "hop_length": 512}}}})
+    # The hop length is not in the weights; the authors' featurizer config records it (here
+    # inside a dict subclass such as Lightning's AttributeDict).
+    attribute_dict = Global("pytorch_lightning.utilities.parsing", "AttributeDict")
+    path = _lightning(tmp_path, "hop", hparams=DictOf(attribute_dict, (("cfg", {"featurizer": {
+        "direct_transform": {"hop_length": 512}}}),)))
     assert convert.load_torch_model(path)[1]["model"]["hop_length"] == 512
 
 

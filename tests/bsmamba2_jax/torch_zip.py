@@ -41,6 +41,14 @@ class Call:
     args: tuple = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class DictOf:
+    """An instance of a dict subclass `cls` holding `items` (REDUCE, then SETITEMS)."""
+
+    cls: Global
+    items: tuple = ()  # (key, value) pairs
+
+
 @dataclasses.dataclass(eq=False)
 class Tensor:
     """A tensor over the flat storage `data`; offset and stride in elements (default contiguous)."""
@@ -80,6 +88,10 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
         self.save(tuple(obj.args))
         self.write(pickle.REDUCE)
 
+    def _save_dict_of(self, obj: DictOf) -> None:
+        self._save_call(Call(obj.cls))
+        self._batch_setitems(iter(obj.items))
+
     def _save_tensor(self, t: Tensor) -> None:
         if id(t.data) not in self._storage_ids:
             key = str(len(self._storage_ids))
@@ -98,6 +110,7 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
 
     dispatch[Global] = _save_global
     dispatch[Call] = _save_call
+    dispatch[DictOf] = _save_dict_of
     dispatch[Tensor] = _save_tensor
 
 
