@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import re
 import sys
@@ -516,17 +517,23 @@ def check_tensors(rules: list[Rule], shapes: Mapping[str, tuple], config: Mappin
 
 def expected_leaves(config: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Leaf path -> shape of BSMamba2(**config).init, without computing anything."""
-    import jax
-    import jax.numpy as jnp
-
     from bsmamba2_jax.model import BSMamba2
 
     # The parameters do not depend on how the scan runs: trace the plain jnp path.
-    model = BSMamba2(**{**config, "ssd_impl": "xla", "remat": False})
-    audio = jax.ShapeDtypeStruct((1, 2, config["n_fft"] + 1), jnp.float32)
+    return dict(_leaf_shapes(BSMamba2(**{**config, "ssd_impl": "xla", "remat": False})))
+
+
+@functools.lru_cache(maxsize=4)
+def _leaf_shapes(model: Any) -> tuple:
+    import jax
+    import jax.numpy as jnp
+
+    # Tracing the paper model's init takes ~1 s of CPU; converting raw and EMA weights of one
+    # file (fine-tuning needs both) traces it once.
+    audio = jax.ShapeDtypeStruct((1, 2, model.n_fft + 1), jnp.float32)
     tree = jax.eval_shape(model.init, jax.random.key(0), audio)
-    return {tuple(p.key for p in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return tuple((tuple(p.key for p in path), tuple(leaf.shape))
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
 def check_leaves(rules: list[Rule], config: Mapping) -> None:
