@@ -2,6 +2,7 @@
 
     python benchmarks/torch_checkpoint.py CKPT [--weights raw,ema] [--json out.json]
     TORCH_PYTHON benchmarks/torch_checkpoint.py --make CKPT [--layout lightning|state_dict]
+    python benchmarks/torch_checkpoint.py CKPT --weights raw --compare IN.npy REF.npy
 
 The first form loads CKPT with `bsmamba2_jax.convert.load_torch_model` once per weights kind,
 each in a fresh process, and prints: file size, bytes of tensor records read, wall time, the
@@ -10,7 +11,9 @@ baseline" is what loading costs. The second form needs PyTorch (any Python that 
 a scratch venv; the project never does): it writes a file of the paper's shapes (48,098,188
 parameters, random weights) with the authors' state_dict names, laid out as the authors'
 Lightning training writes it (raw state_dict + STFT window buffers, Adam state, EMA tuple,
-~770 MB) or as a bare state_dict (~193 MB).
+~770 MB) or as a bare state_dict (~193 MB). The third form converts CKPT, runs our model on
+IN.npy in float32 and prints its relative L2 error against REF.npy, the output of
+`benchmarks/torch_reference.py` (a float64 PyTorch forward of the authors' graph) on IN.npy.
 """
 
 from __future__ import annotations
@@ -58,6 +61,25 @@ def measure(path: Path, weights: str) -> dict:
     if out.returncode:
         raise RuntimeError(f"loading {weights} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(path: Path, weights: str, inp: Path, ref: Path) -> dict:
+    """Our converted model's output on `inp` against the PyTorch reference output `ref`."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from bsmamba2_jax.convert import describe, load_torch_model
+    from bsmamba2_jax.model import BSMamba2
+
+    params, config, info = load_torch_model(path, weights)
+    print(describe(info))
+    ours = np.asarray(jax.jit(BSMamba2(**config["model"]).apply)(params, np.load(inp)))
+    want = np.load(ref)
+    return {"weights": weights, "rel_l2": float(np.linalg.norm(ours - want) /
+                                                 np.linalg.norm(want)),
+            "max_abs": float(np.abs(ours - want).max()), "ref_rms": float(np.sqrt(
+                np.mean(want ** 2)))}
 
 
 def make(path: Path, layout: str, seed: int = 0) -> None:
@@ -159,10 +181,19 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--make", action="store_true", help="write CHECKPOINT (needs torch)")
     parser.add_argument("--layout", choices=("lightning", "state_dict"), default="lightning")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("IN.npy", "REF.npy"),
+                        help="check the converted model's output against a reference output")
     args = parser.parse_args()
     if args.make:
         make(args.checkpoint, args.layout)
         print(f"wrote {args.checkpoint} ({args.checkpoint.stat().st_size:,} bytes)")
+        return
+    if args.compare:
+        if args.weights not in ("raw", "ema"):
+            parser.error("--compare checks one kind of weights: --weights raw or --weights ema")
+        r = compare(args.checkpoint, args.weights, *args.compare)
+        print(f"{r['weights']} weights vs reference: relative L2 {r['rel_l2']:.2e}, "
+              f"max |diff| {r['max_abs']:.2e} (reference RMS {r['ref_rms']:.2e})")
         return
     size = args.checkpoint.stat().st_size
     print(f"{args.checkpoint} ({size:,} bytes), load {os.getloadavg()[0]:.1f}")
