@@ -36,7 +36,7 @@ VocalsFn = Callable[[np.ndarray], np.ndarray]
 def make_vocals_fn(model: Any, params: Any, *, segment_seconds: float = 8.0,
                    overlap: float = 0.0, batch_size: int = 4, shifts: int = 1,
                    rate: int = SAMPLE_RATE) -> VocalsFn:
-    """A `VocalsFn` around `bsmamba2_jax.inference.separate`.
+    """A `VocalsFn` around `bsmamba2_jax.inference.separate_vocals`.
 
     shifts > 1: test-time averaging over `shifts` copies of the input delayed by k/shifts of a
     segment (k = 0..shifts-1, zeros in front), so segment boundaries fall at different places;
@@ -44,12 +44,12 @@ def make_vocals_fn(model: Any, params: Any, *, segment_seconds: float = 8.0,
     """
     if shifts < 1:
         raise ValueError(f"shifts={shifts} must be >= 1 (1 = no shift averaging)")
-    from bsmamba2_jax.inference import separate
+    from bsmamba2_jax.inference import separate_vocals
 
     segment = int(round(segment_seconds * rate))
 
     def run(mixture: np.ndarray) -> np.ndarray:
-        return np.asarray(separate(model, params, mixture, segment_seconds=segment_seconds,
+        return np.asarray(separate_vocals(model, params, mixture, segment_seconds=segment_seconds,
                                    overlap=overlap, batch_size=batch_size, sample_rate=rate),
                           dtype=np.float32)
 
