@@ -25,9 +25,12 @@ EXECUTION_FIELDS = ("ssd_impl", "attn_impl", "remat", "dtype")
 WEIGHTS = ("ema", "raw")
 
 
-def read_weights(path: str | Path, weights: str = "ema") -> tuple[Any, dict]:
-    """(params as float32 NumPy pytree, config dict) from any supported source; see module doc."""
-    if weights not in WEIGHTS:
+def read_weights(path: str | Path, weights: str | None = "ema") -> tuple[Any, dict]:
+    """(params as float32 NumPy pytree, config dict) from any supported source; see module doc.
+
+    weights None: what the source holds by default (a model file's one kind; EMA otherwise).
+    """
+    if weights is not None and weights not in WEIGHTS:
         raise ValueError(f"Unknown weights {weights!r}; choose one of {WEIGHTS}")
     path = Path(path)
     if path.is_file():
@@ -35,6 +38,7 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[Any, dict]:
 
         params, config = export.load_model(path)
         stored = config.get("weights", "ema")
+        weights = stored if weights is None else weights
         if stored != weights:
             raise ValueError(f"{path} holds the {stored} weights only, not the {weights} ones; "
                              f"pass weights={stored!r} or export the {weights} weights")
@@ -42,6 +46,7 @@ def read_weights(path: str | Path, weights: str = "ema") -> tuple[Any, dict]:
         from bsmamba2_jax import export
         from bsmamba2_jax.train import checkpoint
 
+        weights = weights or "ema"
         params, run_config, step = checkpoint.load_params(path, weights)
         config = {**export.model_config_dict(run_config), "step": step}
     else:
@@ -71,11 +76,12 @@ def build_model(model_config: dict, overrides: dict | None = None) -> Any:
     return BSMamba2(**kwargs)
 
 
-def load_model(path: str | Path, *, weights: str = "ema",
+def load_model(path: str | Path, *, weights: str | None = "ema",
                overrides: dict | None = None) -> tuple[Any, Any, dict]:
     """(model, params, config) from a workdir, a step directory or a model file.
 
-    weights: "ema" (the exponential moving average of training) or "raw" (the optimizer's weights).
+    weights: "ema" (the exponential moving average of training), "raw" (the optimizer's weights)
+      or None (the source's default: a model file's one kind, EMA otherwise).
     overrides: execution fields of the model config (EXECUTION_FIELDS) to change.
     """
     params, config = read_weights(path, weights)
