@@ -112,11 +112,14 @@ def overlap_add(segments: np.ndarray, plan: SegmentPlan,
 def iter_segments(blocks: Iterable[np.ndarray], plan: SegmentPlan) -> Iterator[np.ndarray]:
     """Cuts a track given as consecutive blocks (c, n_i) into the plan's segments (c, segment).
 
-    Holds at most one segment plus one block. Raises ValueError when the blocks add up to more
-    or fewer than `plan.length` samples (a file shorter than its header said, for example).
+    Holds at most one segment plus one block; each sample is copied about once (blocks are
+    joined only when a segment is complete). The segments may be views: do not write to them.
+    Raises ValueError when the blocks add up to more or fewer than `plan.length` samples (a file
+    shorter than its header said, for example).
     """
-    buf: np.ndarray | None = None  # samples from `start` on
-    start = 0  # track position of buf[:, 0]
+    pending: list[np.ndarray] = []  # consecutive blocks from track position `start` on
+    have = 0  # samples in pending
+    start = 0
     seen = 0
     i = 0
     for block in blocks:
@@ -124,22 +127,28 @@ def iter_segments(blocks: Iterable[np.ndarray], plan: SegmentPlan) -> Iterator[n
         seen += block.shape[-1]
         if seen > plan.length:
             raise ValueError(f"the track has more than the {plan.length} samples planned")
-        buf = block if buf is None else np.concatenate([buf, block], axis=-1)
-        while i < plan.count and start + buf.shape[-1] >= i * plan.hop + plan.segment:
-            s = i * plan.hop - start
-            yield buf[:, s:s + plan.segment].copy()
-            i += 1
-            drop = min(i * plan.hop - start, buf.shape[-1])  # samples no later segment needs
-            buf, start = buf[:, drop:], start + drop
+        pending.append(block)
+        have += block.shape[-1]
+        if i < plan.count and start + have >= i * plan.hop + plan.segment:
+            buf = pending[0] if len(pending) == 1 else np.concatenate(pending, axis=-1)
+            while i < plan.count and start + buf.shape[-1] >= i * plan.hop + plan.segment:
+                s = i * plan.hop - start
+                yield buf[:, s:s + plan.segment]
+                i += 1
+                drop = min(i * plan.hop - start, buf.shape[-1])  # no later segment needs these
+                buf, start = buf[:, drop:], start + drop
+            pending, have = [buf], buf.shape[-1]
     if seen != plan.length:
         raise ValueError(f"the track ended after {seen} of {plan.length} samples")
-    while i < plan.count:  # the zero-padded tail
-        s = i * plan.hop - start
-        seg = np.zeros((buf.shape[0], plan.segment), np.float32)
-        part = buf[:, s:s + plan.segment]
-        seg[:, :part.shape[-1]] = part
-        yield seg
-        i += 1
+    if i < plan.count:  # the zero-padded tail
+        buf = np.concatenate(pending, axis=-1)
+        while i < plan.count:
+            s = i * plan.hop - start
+            seg = np.zeros((buf.shape[0], plan.segment), np.float32)
+            part = buf[:, s:s + plan.segment]
+            seg[:, :part.shape[-1]] = part
+            yield seg
+            i += 1
 
 
 def iter_batches(segments: Iterable[np.ndarray], batch_size: int
@@ -183,18 +192,22 @@ class OverlapAdd:
         plan, i = self.plan, self._i
         if i >= plan.count:
             raise ValueError(f"all {plan.count} segments were already added")
-        self._out += segment * self.window
-        self._total += self.window
         start = i * plan.hop
         end = plan.length if i == plan.count - 1 else min((i + 1) * plan.hop, plan.length)
         k = max(0, end - start)
+        self._i += 1
+        if plan.hop == plan.segment:
+            # No overlap: window 1, summed window 1, so the blend is the segment itself, exactly.
+            return np.array(segment[:, :k], np.float32)
+        self._out += segment * self.window
+        self._total += self.window
         done = (self._out[:, :k] / self._total[:k]).astype(np.float32)
         # Shift the accumulator to the next segment's start; the new tail starts at zero.
         shift = plan.hop
-        self._out = np.concatenate([self._out[:, shift:], np.zeros_like(self._out[:, :shift])],
-                                   axis=-1)
-        self._total = np.concatenate([self._total[shift:], np.zeros(shift)])
-        self._i += 1
+        self._out[:, :-shift] = self._out[:, shift:]
+        self._out[:, -shift:] = 0
+        self._total[:-shift] = self._total[shift:]
+        self._total[-shift:] = 0
         return done
 
 
