@@ -202,8 +202,6 @@ class Resampler:
     """
 
     def __init__(self, rate_in: int, rate_out: int):
-        from scipy.signal import firwin
-
         g = math.gcd(rate_in, rate_out)
         self.up, self.down = rate_out // g, rate_in // g
         self._buf: np.ndarray | None = None  # input from self._start on
@@ -211,7 +209,9 @@ class Resampler:
         self._pos = 0  # next input position whose outputs are not out yet (multiple of down)
         self._channels = 0
         if self.identity:
-            return
+            return  # no scipy import either: it takes seconds on a busy machine
+        from scipy.signal import firwin
+
         max_rate = max(self.up, self.down)
         half_len = 10 * max_rate
         # resample_poly's default filter, made once (it casts it to the signal's float32).
@@ -316,13 +316,16 @@ class OutputWriter:
             raise
 
     def _mixture(self, n: int) -> np.ndarray:
-        while self._mix.shape[-1] < n:
+        parts, have = [self._mix], self._mix.shape[-1]
+        while have < n:
             block = next(self.mixture, None)
             if block is None:
                 raise SeparationError(f"{self.info.path}: short read of the mixture; the file "
                                       "changed or is damaged")
-            self._mix = np.concatenate([self._mix, block], -1)
-        out, self._mix = self._mix[:, :n], self._mix[:, n:]
+            parts.append(block)
+            have += block.shape[-1]
+        mix = parts[0] if len(parts) == 1 else np.concatenate(parts, -1)
+        out, self._mix = mix[:, :n], mix[:, n:]
         return out
 
     def _write(self, vocals: np.ndarray) -> None:
@@ -334,12 +337,14 @@ class OutputWriter:
             vocals = vocals.mean(axis=0, keepdims=True)
         stems = {"vocals": vocals, "accompaniment": self._mixture(n) - vocals}
         for stem, audio in stems.items():
-            peak = float(np.abs(audio).max())
-            stats = self.stats[stem]
-            stats.peak = max(stats.peak, peak)
-            if self.integer and peak > 1.0:
-                stats.clipped += int(np.count_nonzero(np.abs(audio) > 1.0))
-                audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
+            if self.integer:  # float formats keep any level; only integer ones clip
+                magnitude = np.abs(audio)
+                peak = float(magnitude.max())
+                stats = self.stats[stem]
+                stats.peak = max(stats.peak, peak)
+                if peak > 1.0:
+                    stats.clipped += int(np.count_nonzero(magnitude > 1.0))
+                    audio = np.clip(audio, -1.0, 1.0)  # integers would wrap around otherwise
             self.files[stem].write(np.ascontiguousarray(audio.T))
         self.written += n
 
@@ -388,6 +393,7 @@ class Separator:
     overlap: float  # segment overlap fraction
     batch_size: int  # segments per fn call
     description: str = ""  # what was loaded, for the log
+    call_bytes: int = 0  # memory one fn call needs (compiled memory analysis), 0 if unknown
 
 
 def load_separator(checkpoint: str | Path, *, weights: str | None = None, dtype: str = "auto",
@@ -415,7 +421,11 @@ def load_separator(checkpoint: str | Path, *, weights: str | None = None, dtype:
         overrides["dtype"] = dtype
     model, params, config = load_model(checkpoint, weights=weights, overrides=overrides)
     rate = int(config.get("sample_rate", 44100))
-    seconds = float(segment_seconds or config.get("segment_seconds", 8.0))
+    seconds = float(config.get("segment_seconds", 8.0) if segment_seconds is None
+                    else segment_seconds)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"--segment-seconds={seconds:g} must be a positive number of seconds "
+                         "(the paper uses 8)")
     segment = int(round(seconds * rate))
     minimum = model.n_fft // 2 + 1  # the STFT's reflect padding needs more than n_fft // 2
     if segment < minimum:
@@ -443,7 +453,8 @@ def load_separator(checkpoint: str | Path, *, weights: str | None = None, dtype:
             f"{'' if config.get('step') is None else ', step ' + str(config['step'])}), "
             f"{model.dtype}, {forward.batch} x {seconds:g} s segments per call ({gib:.2f} GiB)")
     compiled = forward.fn
-    return Separator(lambda x: compiled(params, x), rate, segment, overlap, forward.batch, what)
+    return Separator(lambda x: compiled(params, x), rate, segment, overlap, forward.batch, what,
+                     forward.call_bytes)
 
 
 # ----------------------------------------------------------------------------- files

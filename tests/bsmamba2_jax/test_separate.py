@@ -402,3 +402,19 @@ def test_cli_with_exported_tiny_model(tmp_path, capsys, tiny_file):
     want = inference.separate_vocals(model, params, x, segment_seconds=1.0, batch_size=1)
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(v, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,max_err", [("bfloat16", 2e-2), ("float16", 4e-3)])
+def test_dtype_flag_sets_the_compute_dtype(tiny_file, dtype, max_err):
+    """--dtype reaches the model: the output moves away from float32's by that dtype's rounding,
+    and no further."""
+    model, params, model_file = tiny_file
+    sep = separate_cli.load_separator(model_file, dtype=dtype, segment_seconds=0.1,
+                                      batch_size=1)
+    assert f"{dtype}, 1 x 0.1 s segments" in sep.description
+    seed = _seed(dtype)
+    x = _noise(2, 0.1, seed=seed)[None]
+    got = np.asarray(sep.fn(x))
+    want = np.asarray(inference._apply(model, params, x))
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-5 < err < max_err, f"seed {seed}: relative L2 {err:.2e}"
