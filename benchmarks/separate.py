@@ -1,7 +1,7 @@
 """Whole-song separation through the bsmamba2-separate path: wall time, real-time factor, memory.
 
     python benchmarks/separate.py [--config paper|demo|tiny] [--minutes 4,20]
-        [--segment-seconds 8] [--batch-size auto] [--dtype auto] [--repeats 2]
+        [--segment-seconds 8] [--batch-size auto] [--dtype auto] [--repeats 3]
         [--workdir /tmp/bsmamba2_separate_bench] [--json OUT.json]
 
 For each track length: writes a stereo 44.1 kHz float wav made with the synthetic generator
@@ -13,13 +13,14 @@ the compiled forward on one batch of segments.
 
 Columns: load = reading the model file and compiling the forward; separation = the file's wall
 time from opening it to its outputs being in place (reading, resampling, every model call,
-writing); RTF = separation / audio seconds; forward = best single call on one batch;
-ideal = calls x forward; ratio = separation / ideal (the goal is <= 1.15); in model calls = the
-time the separation spent inside the model's calls (the rest is reading, writing, waiting for the
-first batch and for the last write); peak RSS = the
-process's peak resident memory (load and compile included) and the peak sampled every 20 ms
-during the separation alone; call = XLA's compiled memory (temporaries + input + output) of one
-call. The load average is read before and after each run: the numbers are only as quiet as it.
+writing); RTF = separation / audio seconds; forward = median of `--repeats` calls on one batch,
+timed alone after the separation; ideal = calls x forward; ratio = separation / ideal (the goal is
+<= 1.15); in model calls = the time the separation spent inside the model's calls (the rest is
+reading, writing, waiting for the first batch and for the last write) and their median; peak
+RSS = the process's peak resident memory (load and compile included) and the peak sampled every
+20 ms during the separation alone; call = XLA's compiled memory (temporaries + input + output)
+of one call. The load average is read before and after each run: the numbers are only as quiet
+as it.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def child(args: argparse.Namespace) -> dict:
         jax.block_until_ready(compiled(batch))
         times.append(time.perf_counter() - t)
     calls = -(-result.segments // separator.batch_size)
-    forward = min(times)
+    forward = float(np.median(times))
     return {
         "config": args.config or "paper", "minutes": result.seconds / 60,
         "audio_s": result.seconds, "segment_s": separator.segment / separator.rate,
@@ -160,7 +161,7 @@ def child(args: argparse.Namespace) -> dict:
         "load_s": load_s, "separation_s": result.wall, "rtf": result.wall / result.seconds,
         "forward_s": forward, "forward_all_s": times, "ideal_s": calls * forward,
         "ratio": result.wall / (calls * forward), "in_calls_s": sum(call_times),
-        "call_times_s": call_times,
+        "call_times_s": call_times, "median_call_in_run_s": float(np.median(call_times)),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "separation_rss_gb": sampler.peak / 1e9, "call_gib": separator.call_bytes / 2**30,
         "backend": jax.default_backend(), "load_before": load0, "load_after": load_average(),
@@ -173,6 +174,7 @@ COLUMNS = [("config", "config", "{}"), ("minutes", "track min", "{:.0f}"),
            ("separation_s", "separation s", "{:.1f}"), ("rtf", "RTF", "{:.3f}"),
            ("forward_s", "forward s", "{:.3f}"), ("ideal_s", "ideal s", "{:.1f}"),
            ("ratio", "ratio", "{:.3f}"), ("in_calls_s", "in model calls s", "{:.1f}"),
+           ("median_call_in_run_s", "median call in run s", "{:.3f}"),
            ("peak_rss_gb", "peak RSS GB", "{:.2f}"),
            ("separation_rss_gb", "RSS in separation GB", "{:.2f}"),
            ("call_gib", "call GiB", "{:.2f}"), ("load_before", "load avg", "{:.1f}")]
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment-seconds", type=float, default=8.0)
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=2, help="timed forward calls")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward calls")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                           "bsmamba2_separate_bench"))
     parser.add_argument("--json", default=None, help="also write the rows to this file")
