@@ -1,26 +1,26 @@
 """Whole-song separation through the bsmamba2-separate path: wall time, real-time factor, memory.
 
     python benchmarks/separate.py [--config paper|demo|tiny] [--minutes 4,20]
-        [--segment-seconds 8] [--batch-size auto] [--dtype auto] [--repeats 3]
+        [--segment-seconds 8] [--batch-size auto] [--dtype auto] [--repeats 2]
         [--workdir /tmp/bsmamba2_separate_bench] [--json OUT.json]
 
 For each track length: writes a stereo 44.1 kHz float wav made with the synthetic generator
 (`bsmamba2_jax.data.synthetic`; one minute of music repeated to the length) and a model file
 with randomly initialised weights of the chosen config (both cached in --workdir), then runs, in
 a fresh Python process per track, what `bsmamba2-separate TRACK -o OUT --checkpoint MODEL` runs
-(`separate_cli.load_separator`, then `separate_cli.run`), followed by `--repeats` timed calls of
-the compiled forward on one batch of segments.
+(`separate_cli.load_separator`, then `separate_cli.run`), with timed calls of the compiled forward
+on one batch of segments before and after it.
 
 Columns: load = reading the model file and compiling the forward; separation = the file's wall
 time from opening it to its outputs being in place (reading, resampling, every model call,
-writing); RTF = separation / audio seconds; forward = median of `--repeats` calls on one batch,
-timed alone after the separation; ideal = calls x forward; ratio = separation / ideal (the goal is
-<= 1.15); in model calls = the time the separation spent inside the model's calls (the rest is
-reading, writing, waiting for the first batch and for the last write) and their median; peak
-RSS = the process's peak resident memory (load and compile included) and the peak sampled every
-20 ms during the separation alone; call = XLA's compiled memory (temporaries + input + output)
-of one call. The load average is read before and after each run: the numbers are only as quiet
-as it.
+writing); RTF = separation / audio seconds; forward = median of the calls on one batch timed
+alone, `--repeats` before and `--repeats` after the separation; ideal = calls x forward; ratio =
+separation / ideal (the goal is <= 1.15); in model calls = the time the separation spent inside
+the model's calls (the rest is reading, writing, waiting for the first batch and for the last
+write) and their median; peak RSS = the process's peak resident memory (load and compile
+included) and the peak sampled every 20 ms during the separation alone; call = XLA's compiled
+memory (temporaries + input + output) of one call. The load average is read before and after
+each run: the numbers are only as quiet as it.
 """
 
 from __future__ import annotations
@@ -141,17 +141,24 @@ def child(args: argparse.Namespace) -> dict:
         return out
 
     separator = dataclasses.replace(separator, fn=timed)
+    batch = 0.1 * np.random.default_rng(0).standard_normal(
+        (separator.batch_size, 2, separator.segment)).astype(np.float32)
+
+    def forward_times(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(batch))
+            times.append(time.perf_counter() - t)
+        return times
+
+    # Before and after the separation, so a load that changes during the run hits both sides.
+    times = forward_times(args.repeats)
     with tempfile.TemporaryDirectory(dir=args.workdir) as out, RssSampler() as sampler:
         (result,) = separate_cli.run([args.track], out, separator, progress=False)
     if result.error:
         raise SystemExit(f"separation failed: {result.error}")
-    batch = 0.1 * np.random.default_rng(0).standard_normal(
-        (separator.batch_size, 2, separator.segment)).astype(np.float32)
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(batch))
-        times.append(time.perf_counter() - t)
+    times += forward_times(args.repeats)
     calls = -(-result.segments // separator.batch_size)
     forward = float(np.median(times))
     return {
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment-seconds", type=float, default=8.0)
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward calls")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="forward calls timed alone before, and again after, the separation")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                           "bsmamba2_separate_bench"))
     parser.add_argument("--json", default=None, help="also write the rows to this file")
