@@ -6,7 +6,7 @@
 Writes WORKDIR/track/mixture.wav (the synthetic generator's first test track: vocal phrases,
 drums, bass and pads, stereo, 44.1 kHz) and, per dtype, a model file with random weights of the
 config `configs/bsmamba2.py:VARIANT` ("" = the paper model) through `bsmamba2_jax.export`; then
-runs the command line `python -m bsmamba2_jax.separate` (what `bsmamba2-separate` runs) on the
+runs the command line `python -m bsmamba2_jax.separate_cli` (what `bsmamba2-separate` runs) on the
 track in a fresh process and times it end to end: start-up, compilation, reading, separating,
 writing. Real-time factor = track seconds / wall seconds (> 1: faster than real time). The
 separated audio of a random model means nothing; only the time is measured. WORKDIR must be new
@@ -80,7 +80,7 @@ def write_model(path: Path, variant: str, dtype: str, impl: str) -> None:
 
 def separate(track: Path, model_file: Path, out: Path, log: Path) -> float:
     """Wall seconds of the separation command line (a fresh process)."""
-    cmd = [sys.executable, "-m", "bsmamba2_jax.separate", str(track), "-o", str(out),
+    cmd = [sys.executable, "-m", "bsmamba2_jax.separate_cli", str(track), "-o", str(out),
            "--checkpoint", str(model_file), "--no-progress"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
