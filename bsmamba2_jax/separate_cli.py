@@ -413,7 +413,9 @@ def load_separator(checkpoint: str | Path, *, weights: str | None = None, dtype:
     overrides: dict[str, Any] = {}
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu:
-        overrides["ssd_impl"] = "xla"  # same numbers; Pallas off-GPU is interpret mode (slow)
+        # Same numbers: Pallas off-GPU is interpret mode (slow), cuDNN attention is GPU-only.
+        overrides["ssd_impl"] = "xla"
+        overrides["attn_impl"] = "xla"
         # CPUs emulate bf16 matmuls: float32 is faster there, and more accurate.
         if dtype == "auto":
             dtype = "float32"
