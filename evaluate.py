@@ -4,7 +4,7 @@
         [--checkpoint=PATH [--label=NAME]] [--checkpoint=PATH2 --label=NAME2 ...]
         [--weights=raw|ema] [--dtype=checkpoint|float32|float16|bfloat16]
         [--split=test] [--segment_seconds=8] [--overlap=0] [--shifts=1] [--sweep=1,2,4,8,12,16]
-        [--museval] [--write_audio] [--force] [--batch_size=4] [--max_tracks=0]
+        [--museval] [--write_audio] [--force] [--batch_size=0] [--max_tracks=0]
 
 Each --checkpoint is a train.py workdir (its default step), a checkpoint step directory or a model
 file (`python -m bsmamba2_jax.export`); without one, --workdir itself. --label names it in the
@@ -49,7 +49,7 @@ flags.DEFINE_float("segment_seconds", 8.0, "Inference segment length for Tables 
 flags.DEFINE_float("overlap", 0.0, "Segment overlap fraction in [0, 1) (paper: 0).")
 flags.DEFINE_list("sweep", [], "Segment lengths in seconds for Table IV, e.g. 1,2,4,8,12,16.")
 flags.DEFINE_integer("shifts", 1, "Shift test-time averaging copies (1 = off).")
-flags.DEFINE_integer("batch_size", 4, "Segments per model call.")
+flags.DEFINE_integer("batch_size", 0, "Segments per model call; 0 = 1 on a CPU, 8 on a GPU.")
 flags.DEFINE_integer("max_tracks", 0, "Evaluate only the first N tracks (0 = all).")
 flags.DEFINE_bool("museval", False, "Also run full museval (SDR/ISR/SIR/SAR) and store its JSON.")
 flags.DEFINE_bool("write_audio", False, "Write vocals/accompaniment estimates as wav.")
@@ -74,7 +74,7 @@ class Options:
     sweep: tuple[float, ...] = ()
     overlap: float = 0.0
     shifts: int = 1
-    batch_size: int = 4
+    batch_size: int = 0  # 0: inference.default_max_batch()
     max_tracks: int = 0
     museval: bool = False
     write_audio: bool = False
@@ -103,7 +103,7 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
                   labels: Sequence[str] | None = None, weights: str = "raw",
                   dtype: str = "checkpoint", split: str = "test", segment_seconds: Any = 8.0,
                   sweep: Sequence[str] = (), overlap: Any = 0.0, shifts: int = 1,
-                  batch_size: int = 4, max_tracks: int = 0, museval: bool = False,
+                  batch_size: int = 0, max_tracks: int = 0, museval: bool = False,
                   write_audio: bool = False, force: bool = False,
                   progress: bool = True) -> Options:
     """Every flag checked before any data or model work; app.UsageError names the flag and range.
@@ -152,7 +152,7 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
     if not 0.0 <= overlap_value < 1.0:  # False for NaN too
         raise app.UsageError(f"--overlap={overlap!r}: give a fraction of a segment in [0, 1) "
                              "(the paper uses 0)")
-    for flag, value, least in (("shifts", shifts, 1), ("batch_size", batch_size, 1),
+    for flag, value, least in (("shifts", shifts, 1), ("batch_size", batch_size, 0),
                                ("max_tracks", max_tracks, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise app.UsageError(f"--{flag}={value!r}: give an integer >= {least}")
@@ -243,13 +243,14 @@ def load_candidates(config: Any, opts: Options) -> list[Candidate]:
 def score(candidate: Candidate, tracks: list, seconds: float, opts: Options, base: Path,
           rate: int, data_root: str) -> tuple[dict, dict, Path]:
     """One model at one segment length over the tracks -> (summary, onset table, folder)."""
-    from bsmamba2_jax import eval_io, evaluation, reports
+    from bsmamba2_jax import eval_io, evaluation, inference, reports
 
     out_dir = base / candidate.identity["key"] / eval_io.run_tag(seconds, opts.overlap,
                                                                  opts.shifts)
     vocals_fn = evaluation.make_vocals_fn(
         candidate.model, candidate.params, segment_seconds=seconds, overlap=opts.overlap,
-        batch_size=opts.batch_size, shifts=opts.shifts, rate=rate)
+        batch_size=opts.batch_size or inference.default_max_batch(), shifts=opts.shifts,
+        rate=rate)
     producer = {"model": candidate.identity,
                 "settings": {"segment_seconds": seconds, "overlap": opts.overlap,
                              "shifts": opts.shifts, "sample_rate": rate, "data_root": data_root}}

@@ -280,7 +280,7 @@ def test_score_track_without_vocals():
     ("overlap", -0.25, "--overlap=-0.25"),
     ("overlap", float("nan"), "--overlap=nan"),
     ("shifts", 0, "--shifts=0: give an integer >= 1"),
-    ("batch_size", 0, "--batch_size=0: give an integer >= 1"),
+    ("batch_size", -1, "--batch_size=-1: give an integer >= 0"),
     ("max_tracks", -1, "--max_tracks=-1: give an integer >= 0"),
     ("labels", ["a", "b"], "--label: 2 labels for 1 checkpoints"),
     ("labels", ["a/b"], "--label='a/b'"),
