@@ -1,33 +1,43 @@
-"""Chunked SSD in pure JAX (Listing 1 of Dao & Gu 2024, "Transformers are SSMs").
+"""Chunked SSD in pure JAX (Dao & Gu 2024, "Transformers are SSMs", section 6 and Listing 1),
+with a hand-written VJP and memory bounded independently of batch and length.
 
 The sequence is cut into chunks of Q steps. Within a chunk the output is a masked quadratic form
-(attention-like); across chunks a (h, p, n) state is carried. Four steps:
+(attention-like); across chunks a (h, p, n) state is carried:
 
-  1. intra-chunk output   Y_diag[l] = sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
-  2. chunk states         S_c = sum_s exp(cs_last - cs_s) dt_s x_s B_s^T
-  3. state passing        H_c = exp(cs_last(c-1)) H_{c-1} + S_{c-1}   (sequential over chunks)
-  4. state -> output      Y_off[l] = exp(cs_l) C_l H_c
+  1. intra-chunk output   Y_diag[q] = sum_{s<=q} (C_q . B_s) exp(cs_q - cs_s) dt_s x_s
+  2. chunk state          S_c = sum_s exp(cs_last - cs_s) dt_s x_s B_s^T
+  3. state passing        H_{c+1} = exp(cs_last,c) H_c + S_c
+  4. state -> output      Y_off[q] = exp(cs_q) C_q H_c
 
-where cs is the within-chunk cumulative sum of dt*A. The segment sums are differences of
-within-chunk cumulative sums, and the masked-out upper triangle (s > l) is capped at 0 *before*
-the exponential so that it never overflows; keeping the cumsum within a chunk bounds its
-magnitude, which keeps the difference accurate in float32.
+where cs is the within-chunk cumulative sum of dt*A (kept within a chunk, so its magnitude and
+the float32 error of its differences stay bounded). `kernels.ssd.xla_chunk` does steps 1, 2 and
+4 for one chunk and their gradients (the algebra is in its docstring); this module arranges them:
 
-Contraction order (why it is faster than a plain transcription): C.B^T is formed once per chunk
-and group (not per head), heads are laid out as (g, heads-per-group) so groups broadcast without
-copies, and the only per-head (Q, Q) tensor is the decay-weighted score matrix that the
-quadratic form needs anyway, built in 64-row blocks that skip the all-zero upper triangle. On
-the CPU, steps 1-2 run over groups of chunks whose score tensors fit in cache.
+  - One step handles k sequences x one chunk; a loop over the chunks carries the state (step 3
+    costs nothing extra), and an outer loop runs over groups of k sequences. Temporaries are
+    O(k Q (h p + Q)), whatever b and l: the outputs, the inputs and the states entering each
+    chunk are the only full-size arrays.
+  - k is sized by bytes, per platform, when the computation is lowered (lax.platform_dependent):
+    on the CPU a step's working set stays near the L2 cache (usually k = 1, the fastest there);
+    on accelerators it takes up to _ACCELERATOR_STEP_BYTES so that the batch fills the device.
+  - The backward is a custom_vjp: it stores the inputs, the output y (float32) and the states
+    entering chunks 1.., and runs the chunks in reverse, carrying dL/dH. Autodiff of the forward
+    kept every (Q, Q) score tensor (GiBs at the model's shapes) and was ~5x slower than it.
+  - The first chunk of a zero initial state and the state after the last chunk when its
+    cotangent is zero are skipped (the forward's unused final state is removed by XLA).
+  - A sequence not a multiple of Q ends with a shorter chunk (no padding copies); the last group
+    of sequences is moved back to end at b, recomputing a few sequences rather than padding.
 
-FLOPs (multiply-adds counted as 2) for b sequences of length l (padded to c chunks of Q):
+FLOPs (multiply-adds counted as 2) for b sequences of length l in c chunks of Q, h heads in g
+groups, row blocks of R (the diagonal R x R blocks and the blocks left of them):
   C.B^T:          2 b c g Q^2 n
-  intra output:   2 b c h Q^2 p      (+ O(b c h Q^2) for the decay mask)
+  intra output:   b c h Q (Q + R) p          (R = Q: the full 2 b c h Q^2 p)
   chunk states:   2 b c h Q p n
   state output:   2 b c h Q p n
-  state passing:  O(b c h p n)
+The backward does each matmul twice more (its two gradients) and recomputes C.B^T.
 
-Letters: b batch, l sequence, c chunk, k a stack of chunks (b*c or a group of them), q/s
-positions in a chunk, h heads (= g groups x j heads per group), p head dim, n state dim.
+Letters: b batch, l sequence, c chunk, k sequences in a step, q/s positions in a chunk, h heads
+(= g groups x j heads per group), p head dim, n state dim.
 """
 
 from __future__ import annotations
@@ -36,138 +46,221 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
-# Rows of the intra-chunk quadratic form handled together. Row block i only needs columns up to
-# its own end, so blocks skip the all-zero upper triangle: 10/16 of the work at Q = 256.
-_ROW_BLOCK = 64
+from kernels.ssd.xla_chunk import chunk_backward, chunk_forward
+
+f32 = jnp.float32
+
+# Rows of the intra-chunk quadratic form per block (see kernels.ssd.xla_chunk).
+ROW_BLOCK = 64
+# Bytes of float32 intermediates of one step on the CPU: about the L2 cache of one core of this
+# class of machine (measured: one 801-step sequence per step beat 2-16 per step by 5-30%).
+_CPU_STEP_BYTES = 1 << 21
+# On accelerators: enough sequences per step to fill the device, with bounded temporaries.
+_ACCELERATOR_STEP_BYTES = 1 << 28
 
 
-def _intra_chunk_rows(cb: jax.Array, dA_cs: jax.Array, xdt: jax.Array, start: int,
-                      stop: int) -> jax.Array:
-    """Rows [start, stop) of the intra-chunk output, from columns [0, stop).
+def _loop(n: int, body, init, reverse: bool = False):
+    """fori_loop over range(n) (reversed if asked), inlined when n == 1."""
+    if n == 1:
+        return body(0, init)
+    if reverse:
+        return jax.lax.fori_loop(0, n, lambda i, c: body(n - 1 - i, c), init)
+    return jax.lax.fori_loop(0, n, body, init)
 
-    cb (k, g, q, q) float32; dA_cs (k, g, j, q); xdt (k, g, j, q, p) (dt-scaled x), for k chunks.
-    Returns (k, g, j, stop - start, p) float32.
+
+def _group_start(b: int, k: int, i):
+    # The last group is moved back to end at b: it recomputes some sequences and writes the same
+    # values again, so every write below is idempotent.
+    return jnp.minimum(i * k, b - k)
+
+
+def _chunks(l: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, length) of each chunk: full chunks of min(chunk, l), then a shorter tail."""
+    q = min(chunk, l)
+    return [(t0, min(q, l - t0)) for t0 in range(0, l, q)]
+
+
+def _slicer(bs, k: int, t0: int, size: int):
+    """Slices [bs, bs + k) x [t0, t0 + size) of a (b, l, ...) array (bs traced)."""
+    return lambda a: jax.lax.dynamic_slice_in_dim(
+        jax.lax.dynamic_slice_in_dim(a, bs, k, 0), t0, size, 1)
+
+
+def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
+    """Steps 1-4 over all chunks and sequences.
+
+    x (b, l, g, j, p); dt (b, l, g, j) f32; A (g, j) f32; B, C (b, l, g, n); H0 (b, g, n, j, p)
+    f32 or None (zeros). Returns y (b, l, g, j, p) f32, the states entering chunks 1..c-1
+    (b, c - 1, g, n, j, p) f32 and the final state (b, g, n, j, p) f32.
     """
-    causal = jnp.tril(jnp.ones((stop - start, stop), bool), k=start)
-    cb = cb[..., start:stop, :stop] * causal  # the causal mask, once per group, not per head
-    seg = dA_cs[..., start:stop, None] - dA_cs[..., None, :stop]  # (k, g, j, rows, cols)
-    # Capping the masked-out upper triangle at 0 keeps its exp from overflowing (it is then
-    # multiplied by the zeroed cb). A min against a constant, not where(causal, seg, -inf):
-    # XLA:CPU does not vectorise that select, which made it ~4x slower here.
-    cap = jnp.where(causal, jnp.inf, 0.0)
-    scores = cb[:, :, None] * jnp.exp(jnp.minimum(seg, cap))
-    return jnp.einsum("kgjqs,kgjsp->kgjqp", scores.astype(xdt.dtype), xdt[..., :stop, :],
-                      preferred_element_type=jnp.float32)
+    b, l, g, j, p = x.shape
+    n = B.shape[-1]
+    spans = _chunks(l, chunk)
+    q, nc = spans[0][1], len(spans)
+    k = min(seqs, b)
+
+    def one_chunk(ci, bs, H, y_buf, hs_buf, last):
+        t0 = ci * q
+        sl = _slicer(bs, k, t0, spans[-1][1] if last else q)
+        y, H_next = chunk_forward(sl(x), sl(dt), sl(B), sl(C), A, H, row_block, True)
+        y_buf = jax.lax.dynamic_update_slice(y_buf, y, (bs, t0, 0, 0, 0))
+        if not last:
+            hs_buf = jax.lax.dynamic_update_slice(hs_buf, H_next[:, None], (bs, ci, 0, 0, 0, 0))
+        return H_next, y_buf, hs_buf
+
+    def group(i, carry):
+        y_buf, hs_buf, final_buf = carry
+        bs = _group_start(b, k, i)
+        H = None if H0 is None else jax.lax.dynamic_slice_in_dim(H0, bs, k, 0)
+        # The first and last chunks are peeled: a zero entering state and an unused final
+        # state then cost nothing.
+        H, y_buf, hs_buf = one_chunk(0, bs, H, y_buf, hs_buf, nc == 1)
+        if nc > 2:
+            H, y_buf, hs_buf = _loop(nc - 2, lambda ci, c: one_chunk(ci + 1, bs, *c, False),
+                                     (H, y_buf, hs_buf))
+        if nc > 1:
+            H, y_buf, hs_buf = one_chunk(nc - 1, bs, H, y_buf, hs_buf, True)
+        final_buf = jax.lax.dynamic_update_slice_in_dim(final_buf, H, bs, 0)
+        return y_buf, hs_buf, final_buf
+
+    init = (jnp.zeros((b, l, g, j, p), f32), jnp.zeros((b, nc - 1, g, n, j, p), f32),
+            jnp.zeros((b, g, n, j, p), f32))
+    return _loop(-(-b // k), group, init)
 
 
-def _chunk_local(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Steps 1 and 2 for a stack of k chunks, each on its own.
+def _backward(x, dt, A, B, C, H0, hs, y, dy, dfinal, *, chunk: int, row_block: int, seqs: int):
+    """Cotangents of `_forward` (same layouts); dfinal None stands for zeros.
 
-    Head-major layouts (.., g, j, q, .) make every contraction a batched matmul over contiguous
-    (q, .) tiles. Args: x (k, g, j, q, p); dt (k, g, j, q) float32; B, C (k, q, g, n);
-    A (g, j, 1) float32. Returns the intra-chunk output y (k, g, j, q, p) float32, the chunk
-    states (k, g, j, p, n) float32 and the within-chunk cumsum of dt*A (k, g, j, q).
+    Returns dx (x.dtype), ddt, dA, dB, dC (float32) and dH0 (float32; None if H0 is None).
     """
-    q = x.shape[3]
-    f32 = jnp.float32
-    # associative_scan, not cumsum: XLA:CPU lowers cumsum to a reduce-window that made it the
-    # costliest op of the forward pass here (measured ~25 ms of CPU time at l=2048).
-    dA_cs = jax.lax.associative_scan(jnp.add, dt * A, axis=-1)  # (k, g, j, q)
-    # dt scales inputs, not scores: a (q, p) multiply instead of a per-head (q, s) one.
-    xdt = x.astype(f32) * dt[..., None]  # (k, g, j, q, p)
+    b, l, g, j, p = x.shape
+    n = B.shape[-1]
+    spans = _chunks(l, chunk)
+    q, nc = spans[0][1], len(spans)
+    k = min(seqs, b)
 
-    # 1. Intra-chunk: scores = (C_q . B_s) exp(cs_q - cs_s) dt_s, lower-triangular in (q, s).
-    cb = jnp.einsum("kqgn,ksgn->kgqs", C, B, preferred_element_type=f32)  # (k, g, q, s)
-    y = jnp.concatenate([
-        _intra_chunk_rows(cb, dA_cs, xdt.astype(x.dtype), start, min(start + _ROW_BLOCK, q))
-        for start in range(0, q, _ROW_BLOCK)], axis=-2)  # (k, g, j, q, p)
+    def one_chunk(ci, bs, dH, dA, bufs, last):
+        t0 = ci * q
+        sl = _slicer(bs, k, t0, spans[-1][1] if last else q)
+        if isinstance(ci, int) and ci == 0:  # the peeled first chunk (ci is traced in loops)
+            H = None if H0 is None else jax.lax.dynamic_slice_in_dim(H0, bs, k, 0)
+        else:
+            H = jax.lax.dynamic_slice(hs, (bs, ci - 1, 0, 0, 0, 0), (k, 1, g, n, j, p))[:, 0]
+        dx_c, ddt_c, dB_c, dC_c, dA_c, dH = chunk_backward(
+            sl(x), sl(dt), sl(B), sl(C), A, H, sl(y), sl(dy), dH, row_block)
+        bufs = tuple(jax.lax.dynamic_update_slice(buf, d, (bs, t0) + (0,) * (d.ndim - 2))
+                     for buf, d in zip(bufs, (dx_c, ddt_c, dB_c, dC_c), strict=True))
+        return dH, dA + dA_c, bufs
 
-    # 2. Chunk states: what each chunk adds to the state by its end.
-    to_end = jnp.exp(dA_cs[..., -1:] - dA_cs)  # (k, g, j, q)
-    xw = (xdt * to_end[..., None]).astype(x.dtype)
-    chunk_states = jnp.einsum("kgjqp,kqgn->kgjpn", xw, B,
-                              preferred_element_type=f32)  # (k, g, j, p, n)
-    return y, chunk_states, dA_cs
+    def group(i, carry):
+        bufs, dA_buf, dH0_buf = carry
+        bs = _group_start(b, k, i)
+        dH = None if dfinal is None else jax.lax.dynamic_slice_in_dim(dfinal, bs, k, 0)
+        dA = jnp.zeros((k, g, j), f32)
+        if nc > 1:
+            dH, dA, bufs = one_chunk(nc - 1, bs, dH, dA, bufs, True)
+        if nc > 2:
+            dH, dA, bufs = _loop(nc - 2, lambda ci, c: one_chunk(ci + 1, bs, *c, False),
+                                 (dH, dA, bufs), reverse=True)
+        dH, dA, bufs = one_chunk(0, bs, dH, dA, bufs, nc == 1)
+        # dA is summed over the batch at the end: a sequence recomputed by an overlapping
+        # group overwrites its own row instead of adding to it twice.
+        dA_buf = jax.lax.dynamic_update_slice_in_dim(dA_buf, dA, bs, 0)
+        if H0 is not None:
+            dH0_buf = jax.lax.dynamic_update_slice_in_dim(dH0_buf, dH, bs, 0)
+        return bufs, dA_buf, dH0_buf
+
+    init = ((jnp.zeros(x.shape, x.dtype), jnp.zeros(dt.shape, f32), jnp.zeros(B.shape, f32),
+             jnp.zeros(C.shape, f32)), jnp.zeros((b, g, j), f32),
+            None if H0 is None else jnp.zeros(H0.shape, f32))
+    (dx, ddt, dB, dC), dA, dH0 = _loop(-(-b // k), group, init)
+    return dx, ddt, jnp.sum(dA, axis=0), dB, dC, dH0
 
 
-# Bytes of (q, s) float32 scores per step on the CPU: about half the L2 cache of this class of
-# machine. Accelerators take every chunk in one step (a loop would serialise them).
-_CPU_STEP_SCORE_BYTES = 1 << 23
+def sequences_per_step(platform: str, chunk: int, nheads: int, headdim: int, ngroups: int,
+                       row_block: int = ROW_BLOCK) -> int:
+    """Sequences per step of the chunk loop when lowering for `platform` ("cpu", "cuda", ...).
+
+    chunk: Q = min(chunk_size, seqlen). Sized by the float32 bytes a step touches per sequence:
+    x, y, dy and dX chunks, C.B^T and the diagonal score blocks.
+    """
+    per_sequence = 4 * chunk * (4 * nheads * headdim + ngroups * chunk
+                                + nheads * min(row_block, chunk))
+    budget = _CPU_STEP_BYTES if platform == "cpu" else _ACCELERATOR_STEP_BYTES
+    return max(1, budget // per_sequence)
 
 
-def chunks_per_step(num_chunks: int, nheads: int, q: int) -> int:
-    """How many chunks steps 1-2 process at a time: all of them except on the CPU."""
-    if jax.default_backend() != "cpu":
-        return num_chunks
-    return max(1, _CPU_STEP_SCORE_BYTES // (nheads * q * q * 4))
+def _per_platform(fn, seqs_cpu: int, seqs_other: int, *args):
+    """fn(*args, seqs=...) with the step size of the platform the computation is lowered for."""
+    if seqs_cpu == seqs_other:
+        return fn(*args, seqs=seqs_cpu)
+    return jax.lax.platform_dependent(*args, cpu=functools.partial(fn, seqs=seqs_cpu),
+                                      default=functools.partial(fn, seqs=seqs_other))
+
+
+@functools.cache
+def _ssd_fn(chunk: int, row_block: int, seqs_cpu: int, seqs_other: int):
+    """The custom_vjp SSD on internal layouts (see `_forward`), for one static configuration."""
+    static = dict(chunk=chunk, row_block=row_block)
+    forward = functools.partial(_per_platform, functools.partial(_forward, **static), seqs_cpu,
+                                seqs_other)
+    backward = functools.partial(_per_platform, functools.partial(_backward, **static),
+                                 seqs_cpu, seqs_other)
+
+    @jax.custom_vjp
+    def ssd(x, dt, A, B, C, H0):
+        y, _, final = forward(x, dt, A, B, C, H0)
+        return y, final
+
+    def ssd_fwd(x, dt, A, B, C, H0):
+        args = jax.tree.map(lambda a: a.value, (x, dt, A, B, C, H0))
+        y, hs, final = forward(*args)
+        return (y, final), (*args, hs, y)
+
+    def ssd_bwd(res, cts):
+        x, dt, A, B, C, H0, hs, y = res
+        dy, dfinal = cts
+        if isinstance(dy, SymbolicZero):
+            dy = jnp.zeros(y.shape, f32)
+        if isinstance(dfinal, SymbolicZero):  # the final state is unused: skip its terms
+            dfinal = None
+        dx, ddt, dA, dB, dC, dH0 = backward(x, dt, A, B, C, H0, hs, y, dy, dfinal)
+        return dx, ddt, dA.astype(A.dtype), dB.astype(B.dtype), dC.astype(C.dtype), dH0
+
+    ssd.defvjp(ssd_fwd, ssd_bwd, symbolic_zeros=True)
+    return ssd
 
 
 def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
-            chunk_size: int, initial_states: jax.Array | None = None
+            chunk_size: int, initial_states: jax.Array | None = None, *,
+            row_block: int = ROW_BLOCK, sequences_per_step_override: int | None = None
             ) -> tuple[jax.Array, jax.Array]:
-    """Chunked SSD.
+    """Chunked SSD, differentiable in x, dt, A, B, C and initial_states.
 
     Args:
       x: (b, l, h, p). dt: (b, l, h) float32, already biased/softplus'd. A: (h,).
       B, C: (b, l, g, n). chunk_size: Q, the chunk length (a chunk never exceeds l).
       initial_states: (b, h, p, n) or None (zeros).
+      row_block: rows of the intra-chunk quadratic form per block (a cost knob; any value >= 1
+        computes the same function).
+      sequences_per_step_override: sequences per step on every platform, instead of
+        `sequences_per_step` of the platform lowered for (tests; tuning).
     Returns:
       y (b, l, h, p) float32 without the D skip, final state (b, h, p, n) float32.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     j = h // g
-    f32 = jnp.float32
-    # A chunk longer than the sequence only adds padding: the result is the same.
     q = min(chunk_size, l)
-    c = -(-l // q)
-    pad = c * q - l
-    # Zero padding is exact: dt = 0 means decay exp(0) = 1 and no input, so the state and the
-    # real outputs are untouched.
-    if pad:
-        pad_seq = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-        x, dt, B, C = map(pad_seq, (x, dt, B, C))
-
-    mm_dtype = x.dtype  # matmul operands stay in the input dtype; accumulation is float32
-    # Steps 1-2 are independent per chunk: run them on all b*c chunks at once, or on the CPU in
-    # groups of chunks whose (q, s) score tensors fit in cache (~15% faster at l = 2048 here).
-    chunks = (x.reshape(b * c, q, g, j, p).transpose(0, 2, 3, 1, 4),  # (k, g, j, q, p)
-              dt.reshape(b * c, q, g, j).transpose(0, 2, 3, 1),  # (k, g, j, q)
-              B.reshape(b * c, q, g, n), C.reshape(b * c, q, g, n))  # (k, q, g, n)
-    local = functools.partial(_chunk_local, A=A.astype(f32).reshape(g, j, 1))
-    per_step = chunks_per_step(b * c, h, q)
-    if per_step >= b * c:
-        y, chunk_states, dA_cs = local(*chunks)
+    if sequences_per_step_override is None:
+        seqs = [sequences_per_step(pl, q, h, p, g, row_block) for pl in ("cpu", "cuda")]
     else:
-        steps = -(-b * c // per_step)
-        pad_k = lambda t: jnp.pad(t, [(0, steps * per_step - b * c)] + [(0, 0)] * (t.ndim - 1))
-        grouped = [pad_k(t).reshape(steps, per_step, *t.shape[1:]) for t in chunks]
-        outs = jax.lax.map(lambda args: local(*args), grouped)
-        y, chunk_states, dA_cs = (t.reshape(steps * per_step, *t.shape[2:])[:b * c]
-                                  for t in outs)
-    y = y.reshape(b, c, g, j, q, p)
-    chunk_states = chunk_states.reshape(b, c, g, j, p, n)
-    dA_cs = dA_cs.reshape(b, c, g, j, q)
-    C = C.reshape(b, c, q, g, n)
-
-    # 3. State passing: the state entering each chunk. Sequential, but only c steps.
-    chunk_decay = jnp.exp(dA_cs[..., -1])  # (b, c, g, j)
-    state0 = (jnp.zeros((b, g, j, p, n), f32) if initial_states is None
-              else initial_states.astype(f32).reshape(b, g, j, p, n))
-
-    def pass_state(state, inputs):
-        decay_c, new_c = inputs
-        return decay_c[..., None, None] * state + new_c, state
-
-    final, entering = jax.lax.scan(
-        pass_state, state0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # (b, c, g, j, p, n)
-
-    # 4. State -> output, decayed from the chunk start to each position.
-    y_off = jnp.einsum("bcqgn,bcgjpn->bcgjqp", C, entering.astype(mm_dtype),
-                       preferred_element_type=f32)
-    y = y + y_off * jnp.exp(dA_cs)[..., None]
-    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :l]
-    return y, final.reshape(b, h, p, n)
+        seqs = [sequences_per_step_override] * 2
+    ssd = _ssd_fn(chunk_size, row_block, *seqs)
+    H0 = (None if initial_states is None else
+          initial_states.astype(f32).reshape(b, g, j, p, n).transpose(0, 1, 4, 2, 3))
+    y, final = ssd(x.reshape(b, l, g, j, p), dt.astype(f32).reshape(b, l, g, j),
+                   A.astype(f32).reshape(g, j), B, C, H0)
+    return y.reshape(b, l, h, p), final.transpose(0, 1, 3, 4, 2).reshape(b, h, p, n)
