@@ -91,9 +91,9 @@ def _slicer(bs, k: int, t0: int, size: int):
 def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
     """Steps 1-4 over all chunks and sequences.
 
-    x (b, l, g, j, p); dt (b, l, g, j) f32; A (g, j) f32; B, C (b, l, g, n); H0 (b, g, n, j, p)
+    x (b, l, g, j, p); dt (b, l, g, j) f32; A (g, j) f32; B, C (b, l, g, n); H0 (b, g, n, j p)
     f32 or None (zeros). Returns y (b, l, g, j, p) f32, the states entering chunks 1..c-1
-    (b, c - 1, g, n, j, p) f32 and the final state (b, g, n, j, p) f32.
+    (b, c - 1, g, n, j p) f32 and the final state (b, g, n, j p) f32.
     """
     b, l, g, j, p = x.shape
     n = B.shape[-1]
@@ -107,7 +107,7 @@ def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
         y, H_next = chunk_forward(sl(x), sl(dt), sl(B), sl(C), A, H, row_block, True)
         y_buf = jax.lax.dynamic_update_slice(y_buf, y, (bs, t0, 0, 0, 0))
         if not last:
-            hs_buf = jax.lax.dynamic_update_slice(hs_buf, H_next[:, None], (bs, ci, 0, 0, 0, 0))
+            hs_buf = jax.lax.dynamic_update_slice(hs_buf, H_next[:, None], (bs, ci, 0, 0, 0))
         return H_next, y_buf, hs_buf
 
     def group(i, carry):
@@ -125,8 +125,8 @@ def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
         final_buf = jax.lax.dynamic_update_slice_in_dim(final_buf, H, bs, 0)
         return y_buf, hs_buf, final_buf
 
-    init = (jnp.zeros((b, l, g, j, p), f32), jnp.zeros((b, nc - 1, g, n, j, p), f32),
-            jnp.zeros((b, g, n, j, p), f32))
+    init = (jnp.zeros((b, l, g, j, p), f32), jnp.zeros((b, nc - 1, g, n, j * p), f32),
+            jnp.zeros((b, g, n, j * p), f32))
     return _loop(-(-b // k), group, init)
 
 
@@ -147,7 +147,7 @@ def _backward(x, dt, A, B, C, H0, hs, y, dy, dfinal, *, chunk: int, row_block: i
         if isinstance(ci, int) and ci == 0:  # the peeled first chunk (ci is traced in loops)
             H = None if H0 is None else jax.lax.dynamic_slice_in_dim(H0, bs, k, 0)
         else:
-            H = jax.lax.dynamic_slice(hs, (bs, ci - 1, 0, 0, 0, 0), (k, 1, g, n, j, p))[:, 0]
+            H = jax.lax.dynamic_slice(hs, (bs, ci - 1, 0, 0, 0), (k, 1, g, n, j * p))[:, 0]
         dx_c, ddt_c, dB_c, dC_c, dA_c, dH = chunk_backward(
             sl(x), sl(dt), sl(B), sl(C), A, H, sl(y), sl(dy), dH, row_block)
         bufs = tuple(jax.lax.dynamic_update_slice(buf, d, (bs, t0) + (0,) * (d.ndim - 2))
@@ -230,7 +230,7 @@ def _ssd_fn(chunk: int, row_block: int, seqs_cpu: int, seqs_other: int):
         return dx, ddt, dA.astype(A.dtype), dB.astype(B.dtype), dC.astype(C.dtype), dH0
 
     ssd.defvjp(ssd_fwd, ssd_bwd, symbolic_zeros=True)
-    return ssd
+    return jax.jit(ssd)  # one compilation when called eagerly; inlined under an outer jit
 
 
 def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
@@ -259,8 +259,10 @@ def ssd_xla(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
     else:
         seqs = [sequences_per_step_override] * 2
     ssd = _ssd_fn(chunk_size, row_block, *seqs)
-    H0 = (None if initial_states is None else
-          initial_states.astype(f32).reshape(b, g, j, p, n).transpose(0, 1, 4, 2, 3))
+    # States inside are (b, g, n, j p): C H and B^T X are then plain matmuls.
+    H0 = (None if initial_states is None else initial_states.astype(f32).reshape(
+        b, g, j, p, n).transpose(0, 1, 4, 2, 3).reshape(b, g, n, j * p))
     y, final = ssd(x.reshape(b, l, g, j, p), dt.astype(f32).reshape(b, l, g, j),
                    A.astype(f32).reshape(g, j), B, C, H0)
-    return y.reshape(b, l, h, p), final.transpose(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    final = final.reshape(b, g, n, j, p).transpose(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    return y.reshape(b, l, h, p), final

@@ -32,8 +32,9 @@ dM = dy X^T), and summed over s, resp. q, those terms are inner products of vect
 where y is the chunk's full output (stored by the forward) and dX the full cotangent of X.
 
 Letters: k sequences, q/s positions in the chunk, g groups, j heads per group (h = g j), p head
-dim, n state dim. States are kept as (k, g, n, j, p) so that C H and B^T X are plain matmuls
-with the heads of a group side by side.
+dim, n state dim. Inside, arrays are group-major, (k, g, q, ...), and states (k, g, n, j p),
+so that C H, B^T X and the blocks left of the diagonal are plain matmuls with a group's heads
+side by side.
 """
 
 from __future__ import annotations
@@ -45,15 +46,31 @@ f32 = jnp.float32
 
 
 def _cumsum(a: jax.Array, reverse: bool = False) -> jax.Array:
-    """Inclusive cumulative sum along axis 1 of (k, q, ...), as a triangular matmul.
+    """Inclusive cumulative sum along axis 2 of (k, g, q, j), as a triangular matmul.
 
     XLA:CPU lowers jnp.cumsum to a slow reduce-window; a (q, q) matmul is cheap and exact to
     float32 rounding (HIGHEST: no TF32 on GPUs, the decays are exponentials of it).
     """
-    q = a.shape[1]
+    q = a.shape[2]
     tri = jnp.tril(jnp.ones((q, q), f32))  # tri[t, s] = s <= t
-    return jnp.einsum("ts,ks...->kt...", tri.T if reverse else tri, a,
+    return jnp.einsum("ts,kgsj->kgtj", tri.T if reverse else tri, a,
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(..., M, K) @ (..., K, N) -> (..., M, N) float32, batched over the leading axes.
+
+    Every matmul is written in this form, with an explicit transpose of the smaller operand
+    where one is needed: from einsum, XLA:CPU sometimes transposed the (q, h p) operand and
+    the result instead (measured ~1.4x slower on such a product).
+    """
+    batch = tuple(range(a.ndim - 2))
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                               preferred_element_type=f32)
+
+
+def _t(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, -1, -2)
 
 
 def _causal(size: int) -> jax.Array:
@@ -74,19 +91,32 @@ def _diag_decay(cs_t: jax.Array, r0: int, r1: int) -> jax.Array:
 def _boundary_decays(cs: jax.Array, r0: int, r1: int) -> tuple[jax.Array, jax.Array]:
     """u = exp(cs_q - cs_r) for rows [r0, r1) and v = exp(cs_r - cs_s) for s < r0, r = r0 - 1.
 
-    cs: (k, q, g, j). Returns u (k, r1 - r0, g, j) and v (k, r0, g, j), both <= 1 if dt A <= 0.
+    cs: (k, g, q, j). Returns u (k, g, r1 - r0, j, 1) and v (k, g, r0, j, 1), both <= 1 when
+    dt A <= 0, shaped to scale (k, g, rows, j, p) arrays.
     """
-    ref = cs[:, r0 - 1:r0]
-    return jnp.exp(cs[:, r0:r1] - ref), jnp.exp(ref - cs[:, :r0])
+    ref = cs[:, :, r0 - 1:r0]
+    return jnp.exp(cs[:, :, r0:r1] - ref)[..., None], jnp.exp(ref - cs[:, :, :r0])[..., None]
+
+
+def _heads_major(a: jax.Array) -> jax.Array:
+    """(k, g, rows, j, p) -> (k, g, j, rows, p), for the per-head diagonal blocks."""
+    return a.transpose(0, 1, 3, 2, 4)
 
 
 def _pad_sum(parts: list[tuple[int, jax.Array]], length: int) -> jax.Array:
-    """Sum of (start, piece) pairs placed at `start` along axis 1 of a `length`-long array."""
+    """Sum of (start, piece) pairs placed at `start` along axis 2 of a `length`-long array."""
     out = None
     for start, t in parts:
-        t = jnp.pad(t, [(0, 0), (start, length - start - t.shape[1])] + [(0, 0)] * (t.ndim - 2))
+        widths = [(0, 0)] * t.ndim
+        widths[2] = (start, length - start - t.shape[2])
+        t = jnp.pad(t, widths)
         out = t if out is None else out + t
     return out
+
+
+def _group_major(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """(k, q, g, ...) -> (k, g, q, ...): a bitcast when g = 1."""
+    return tuple(jnp.swapaxes(a, 1, 2) for a in arrays)
 
 
 def chunk_forward(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: jax.Array,
@@ -96,41 +126,41 @@ def chunk_forward(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: ja
 
     Args:
       x: (k, q, g, j, p). dt: (k, q, g, j) float32. B, C: (k, q, g, n). A: (g, j) float32.
-      H: (k, g, n, j, p) float32 state entering the chunk, or None for a zero state.
+      H: (k, g, n, j p) float32 state entering the chunk, or None for a zero state.
       row_block: R, rows per block. with_state_out: also return the state after the chunk.
     Returns:
-      y (k, q, g, j, p) float32, and H_next (k, g, n, j, p) float32 or None.
+      y (k, q, g, j, p) float32, and H_next (k, g, n, j p) float32 or None.
     """
-    q = x.shape[1]
+    k, q, g, j, p = x.shape
     mm = x.dtype  # matmul operands stay in the input dtype; accumulation is float32
-    cs = _cumsum(dt * A)  # (k, q, g, j)
-    X = x.astype(f32) * dt[..., None]  # (k, q, g, j, p)
-    cb = jnp.einsum("kqgn,ksgn->kgqs", C, B, preferred_element_type=f32)  # (k, g, q, s)
-    cs_t = cs.transpose(0, 2, 3, 1)  # (k, g, j, q)
+    x, dt, B, C = _group_major(x, dt, B, C)  # (k, g, q, ...)
+    cs = _cumsum(dt * A[:, None])  # (k, g, q, j)
+    X = x.astype(f32) * dt[..., None]  # (k, g, q, j, p)
+    cb = _mm(C, _t(B))  # (k, g, q, s)
+    cs_t = _t(cs)  # (k, g, j, q)
+    flat = lambda a: a.reshape(*a.shape[:3], j * p).astype(mm)  # (k, g, rows, j p)
     rows = []
     for r0 in range(0, q, row_block):
         r1 = min(r0 + row_block, q)
         scores = ((cb[:, :, r0:r1, r0:r1] * _causal(r1 - r0))[:, :, None]
                   * _diag_decay(cs_t, r0, r1))  # (k, g, j, r, r)
-        y_r = jnp.einsum("kgjqs,ksgjp->kqgjp", scores.astype(mm), X[:, r0:r1].astype(mm),
-                         preferred_element_type=f32)
+        y_r = _heads_major(_mm(scores.astype(mm), _heads_major(X[:, :, r0:r1]).astype(mm)))
         if r0:
             u, v = _boundary_decays(cs, r0, r1)
-            left = jnp.einsum("kgqs,ksgjp->kqgjp", cb[:, :, r0:r1, :r0].astype(mm),
-                              (X[:, :r0] * v[..., None]).astype(mm), preferred_element_type=f32)
-            y_r = y_r + u[..., None] * left
+            left = _mm(cb[:, :, r0:r1, :r0].astype(mm), flat(X[:, :, :r0] * v))
+            y_r = y_r + u * left.reshape(y_r.shape)
         rows.append(y_r)
-    y = jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+    y = jnp.concatenate(rows, axis=2) if len(rows) > 1 else rows[0]  # (k, g, q, j, p)
     if H is not None:
-        y_state = jnp.einsum("kqgn,kgnjp->kqgjp", C, H.astype(mm), preferred_element_type=f32)
-        y = y + y_state * jnp.exp(cs)[..., None]
+        y = y + _mm(C.astype(mm), H.astype(mm)).reshape(y.shape) * jnp.exp(cs)[..., None]
+    y = jnp.swapaxes(y, 1, 2)  # (k, q, g, j, p)
     if not with_state_out:
         return y, None
-    to_end = jnp.exp(cs[:, -1:] - cs)  # (k, q, g, j)
-    H_next = jnp.einsum("kqgn,kqgjp->kgnjp", B, (X * to_end[..., None]).astype(mm),
-                        preferred_element_type=f32)
+    to_end = jnp.exp(cs[:, :, -1:] - cs)[..., None]  # (k, g, q, j, 1)
+    H_next = _mm(_t(B), flat(X * to_end))  # (k, g, n, j p)
     if H is not None:
-        H_next = H_next + jnp.exp(cs[:, -1])[:, :, None, :, None] * H
+        decay = jnp.exp(cs[:, :, -1])  # (k, g, j)
+        H_next = H_next + (jnp.repeat(decay, p, axis=-1)[:, :, None] * H)
     return y, H_next
 
 
@@ -140,76 +170,73 @@ def chunk_backward(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: j
     """Cotangents of `chunk_forward`.
 
     Args: as `chunk_forward`, plus y (k, q, g, j, p) float32, its output, dy the cotangent of y
-      (float32, same shape), and dH_next (k, g, n, j, p) float32, the cotangent of the leaving
+      (float32, same shape), and dH_next (k, g, n, j p) float32, the cotangent of the leaving
       state, or None where it is zero (the leaving state was not asked for, or is unused).
     Returns:
       dx (k, q, g, j, p) in x.dtype; ddt (k, q, g, j), dB, dC (k, q, g, n), dA (k, g, j) and
-      dH (k, g, n, j, p), the cotangent of the entering state (None if H is None): float32.
+      dH (k, g, n, j p), the cotangent of the entering state (None if H is None): float32.
     """
-    q = x.shape[1]
+    k, q, g, j, p = x.shape
     mm = x.dtype
-    cs = _cumsum(dt * A)
-    X = x.astype(f32) * dt[..., None]
-    Xm = X.astype(mm)
-    cb = jnp.einsum("kqgn,ksgn->kgqs", C, B, preferred_element_type=f32)
-    cs_t = cs.transpose(0, 2, 3, 1)
-    dym = dy.astype(mm)
+    x, dt, B, C, y, dy = _group_major(x, dt, B, C, y, dy)  # (k, g, q, ...)
+    cs = _cumsum(dt * A[:, None])
+    X = x.astype(f32) * dt[..., None]  # (k, g, q, j, p)
+    cb = _mm(C, _t(B))
+    cs_t = _t(cs)
+    flat = lambda a: a.reshape(*a.shape[:3], j * p).astype(mm)
+    Bm, Cm = B.astype(mm), C.astype(mm)
     dX_parts, dC_parts, dB_parts = [], [], []  # (start along q, piece)
     d_last = None  # extra dcs of the last step, (k, g, j)
     dH = None
+    per_head = lambda d: jnp.repeat(d, p, axis=-1)[:, :, None]  # (k, g, j) -> (k, g, 1, j p)
 
     if H is not None:  # y += exp(cs) C H
-        dy_decayed = (dy * jnp.exp(cs)[..., None]).astype(mm)
-        dC_parts.append((0, jnp.einsum("kqgjp,kgnjp->kqgn", dy_decayed, H.astype(mm),
-                                       preferred_element_type=f32)))
-        dH = jnp.einsum("kqgn,kqgjp->kgnjp", C, dy_decayed, preferred_element_type=f32)
+        dy_decayed = flat(dy * jnp.exp(cs)[..., None])
+        dC_parts.append((0, _mm(dy_decayed, _t(H).astype(mm))))
+        dH = _mm(_t(Cm), dy_decayed)
     if dH_next is not None:  # H_next = exp(cs_last) H + B^T (exp(cs_last - cs) X)
-        to_end = jnp.exp(cs[:, -1:] - cs)
+        to_end = jnp.exp(cs[:, :, -1:] - cs)[..., None]
         dH_next_m = dH_next.astype(mm)
-        dX_state = jnp.einsum("kqgn,kgnjp->kqgjp", B, dH_next_m,
-                              preferred_element_type=f32) * to_end[..., None]
-        dB_parts.append((0, jnp.einsum("kqgjp,kgnjp->kqgn", (X * to_end[..., None]).astype(mm),
-                                       dH_next_m, preferred_element_type=f32)))
+        dX_state = _mm(Bm, dH_next_m).reshape(X.shape) * to_end
+        dB_parts.append((0, _mm(flat(X * to_end), _t(dH_next_m))))
         dX_parts.append((0, dX_state))
-        d_last = jnp.einsum("kqgjp,kqgjp->kgj", X, dX_state)
+        d_last = jnp.einsum("kgqjp,kgqjp->kgj", X, dX_state)
         if H is not None:
-            decay = jnp.exp(cs[:, -1])  # (k, g, j)
-            d_last = d_last + jnp.einsum("kgnjp,kgnjp->kgj", dH_next, H) * decay
-            dH = dH + decay[:, :, None, :, None] * dH_next
+            decay = jnp.exp(cs[:, :, -1])  # (k, g, j)
+            d_last = d_last + jnp.einsum("kgnjp,kgnjp->kgj", dH_next.reshape(k, g, -1, j, p),
+                                         H.reshape(k, g, -1, j, p)) * decay
+            dH = dH + per_head(decay) * dH_next
 
     for r0 in range(0, q, row_block):
         r1 = min(r0 + row_block, q)
         causal = _causal(r1 - r0)
         decay = _diag_decay(cs_t, r0, r1)
-        scores = (cb[:, :, r0:r1, r0:r1] * causal)[:, :, None] * decay
-        dy_r = dym[:, r0:r1]
-        dX_parts.append((r0, jnp.einsum("kgjqs,kqgjp->ksgjp", scores.astype(mm), dy_r,
-                                        preferred_element_type=f32)))
-        d_scores = jnp.einsum("kqgjp,ksgjp->kgjqs", dy_r, Xm[:, r0:r1],
-                              preferred_element_type=f32)
+        scores = (cb[:, :, r0:r1, r0:r1] * causal)[:, :, None] * decay  # (k, g, j, r, r)
+        dy_h = _heads_major(dy[:, :, r0:r1]).astype(mm)  # (k, g, j, r, p)
+        dX_parts.append((r0, _heads_major(_mm(_t(scores).astype(mm), dy_h))))
+        d_scores = _mm(dy_h, _t(_heads_major(X[:, :, r0:r1])).astype(mm))  # (k, g, j, r, r)
         dcb_rows = jnp.einsum("kgjqs,kgjqs->kgqs", d_scores, decay) * causal  # (k, g, r, r)
         if r0:
             u, v = _boundary_decays(cs, r0, r1)
-            dy_u = (dy[:, r0:r1] * u[..., None]).astype(mm)
-            X_v = (X[:, :r0] * v[..., None]).astype(mm)
-            dX_v = jnp.einsum("kgqs,kqgjp->ksgjp", cb[:, :, r0:r1, :r0].astype(mm), dy_u,
-                              preferred_element_type=f32)
-            dX_parts.append((0, dX_v * v[..., None]))
-            dcb_left = jnp.einsum("kqgjp,ksgjp->kgqs", dy_u, X_v, preferred_element_type=f32)
+            dy_u = flat(dy[:, :, r0:r1] * u)  # (k, g, r, j p)
+            X_v = flat(X[:, :, :r0] * v)  # (k, g, r0, j p)
+            dX_v = _mm(_t(cb[:, :, r0:r1, :r0]).astype(mm), dy_u)  # (k, g, r0, j p)
+            dX_parts.append((0, dX_v.reshape(*X_v.shape[:3], j, p) * v))
+            dcb_left = _t(_mm(X_v, _t(dy_u)))  # (k, g, r, r0); transposes the smaller dy_u
             dcb_rows = jnp.concatenate([dcb_left, dcb_rows], axis=-1)  # (k, g, r, r1)
         dcb_rows = dcb_rows.astype(mm)
-        dC_parts.append((r0, jnp.einsum("kgqs,ksgn->kqgn", dcb_rows, B[:, :r1],
-                                        preferred_element_type=f32)))
-        dB_parts.append((0, jnp.einsum("kgqs,kqgn->ksgn", dcb_rows, C[:, r0:r1],
-                                       preferred_element_type=f32)))
+        dC_parts.append((r0, _mm(dcb_rows, Bm[:, :, :r1])))
+        dB_parts.append((0, _mm(_t(dcb_rows), Cm[:, :, r0:r1])))
 
-    dX = _pad_sum(dX_parts, q)
+    dX = _pad_sum(dX_parts, q)  # (k, g, q, j, p)
     # Inner products over p as einsums: XLA:CPU runs sum(a * b, -1) several times slower here.
-    dcs = jnp.einsum("kqgjp,kqgjp->kqgj", dy, y) - jnp.einsum("kqgjp,kqgjp->kqgj", X, dX)
+    dcs = jnp.einsum("kgqjp,kgqjp->kgqj", dy, y) - jnp.einsum("kgqjp,kgqjp->kgqj", X, dX)
     if d_last is not None:
-        dcs = dcs.at[:, -1].add(d_last)
+        dcs = dcs.at[:, :, -1].add(d_last)
     da = _cumsum(dcs, reverse=True)  # cotangent of dt * A
-    ddt = da * A + jnp.einsum("kqgjp,kqgjp->kqgj", x.astype(f32), dX)
-    dA = jnp.einsum("kqgj,kqgj->kgj", da, dt)
+    ddt = da * A[:, None] + jnp.einsum("kgqjp,kgqjp->kgqj", x.astype(f32), dX)
+    dA = jnp.einsum("kgqj,kgqj->kgj", da, dt)
     dx = (dX * dt[..., None]).astype(x.dtype)
-    return dx, ddt, _pad_sum(dB_parts, q), _pad_sum(dC_parts, q), dA, dH
+    dB, dC = _pad_sum(dB_parts, q), _pad_sum(dC_parts, q)
+    dx, ddt, dB, dC = _group_major(dx, ddt, dB, dC)  # back to (k, q, g, ...)
+    return dx, ddt, dB, dC, dA, dH

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kernels.ssd import mamba_chunk_scan
-from kernels.ssd.xla import ssd_xla, sequences_per_step
+from kernels.ssd.xla import sequences_per_step, ssd_xla
 from tests.kernels import ssd_recurrence as rec
 
 GRAD_ARGS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
