@@ -18,8 +18,8 @@ the float32 error of its differences stay bounded). `kernels.ssd.xla_chunk` does
     O(k Q (h p + Q)), whatever b and l: the outputs, the inputs and the states entering each
     chunk are the only full-size arrays.
   - k is sized by bytes, per platform, when the computation is lowered (lax.platform_dependent):
-    on the CPU a step's working set stays near the L2 cache (usually k = 1, the fastest there);
-    on accelerators it takes up to _ACCELERATOR_STEP_BYTES so that the batch fills the device.
+    on the CPU one sequence per step at the model's shapes (the fastest there), on accelerators
+    up to ~1 GiB of step temporaries so that the batch fills the device.
   - The backward is a custom_vjp: it stores the inputs, the output y (float32) and the states
     entering chunks 1.., and runs the chunks in reverse, carrying dL/dH. Autodiff of the forward
     kept every (Q, Q) score tensor (GiBs at the model's shapes) and was ~5x slower than it.
@@ -54,11 +54,11 @@ f32 = jnp.float32
 
 # Rows of the intra-chunk quadratic form per block (see kernels.ssd.xla_chunk).
 ROW_BLOCK = 64
-# Bytes of float32 intermediates of one step on the CPU: about the L2 cache of one core of this
-# class of machine (measured: one 801-step sequence per step beat 2-16 per step by 5-30%).
-_CPU_STEP_BYTES = 1 << 21
+# Bytes of one step's temporaries (`_step_bytes`) on the CPU: one sequence per step at the
+# model's shapes, which measured 5-30% faster than 3-50 per step (smaller working set).
+_CPU_STEP_BYTES = 1 << 22
 # On accelerators: enough sequences per step to fill the device, with bounded temporaries.
-_ACCELERATOR_STEP_BYTES = 1 << 28
+_ACCELERATOR_STEP_BYTES = 1 << 30
 
 
 def _loop(n: int, body, init, reverse: bool = False):
@@ -179,17 +179,25 @@ def _backward(x, dt, A, B, C, H0, hs, y, dy, dfinal, *, chunk: int, row_block: i
     return dx, ddt, jnp.sum(dA, axis=0), dB, dC, dH0
 
 
+def _step_bytes(chunk: int, nheads: int, headdim: int, ngroups: int, row_block: int) -> int:
+    """Temporaries of one backward step per sequence, in bytes (the forward needs less).
+
+    Calibrated on XLA's memory analysis of the backward (CPU): ~24 float32 (Q, h p) arrays per
+    sequence at Q = 256, h p = 1024; conservative (3x too high) at Q = 62.
+    """
+    return 4 * chunk * (24 * nheads * headdim + 2 * nheads * min(row_block, chunk)
+                        + ngroups * chunk)
+
+
 def sequences_per_step(platform: str, chunk: int, nheads: int, headdim: int, ngroups: int,
                        row_block: int = ROW_BLOCK) -> int:
     """Sequences per step of the chunk loop when lowering for `platform` ("cpu", "cuda", ...).
 
-    chunk: Q = min(chunk_size, seqlen). Sized by the float32 bytes a step touches per sequence:
-    x, y, dy and dX chunks, C.B^T and the diagonal score blocks.
+    chunk: Q = min(chunk_size, seqlen). The step's temporaries stay near _CPU_STEP_BYTES on the
+    CPU and _ACCELERATOR_STEP_BYTES elsewhere.
     """
-    per_sequence = 4 * chunk * (4 * nheads * headdim + ngroups * chunk
-                                + nheads * min(row_block, chunk))
     budget = _CPU_STEP_BYTES if platform == "cpu" else _ACCELERATOR_STEP_BYTES
-    return max(1, budget // per_sequence)
+    return max(1, budget // _step_bytes(chunk, nheads, headdim, ngroups, row_block))
 
 
 def _per_platform(fn, seqs_cpu: int, seqs_other: int, *args):
