@@ -230,11 +230,12 @@ def chunk_backward(x: jax.Array, dt: jax.Array, B: jax.Array, C: jax.Array, A: j
 
     dX = _pad_sum(dX_parts, q)  # (k, g, q, j, p)
     # Inner products over p as einsums: XLA:CPU runs sum(a * b, -1) several times slower here.
-    dcs = jnp.einsum("kgqjp,kgqjp->kgqj", dy, y) - jnp.einsum("kgqjp,kgqjp->kgqj", X, dX)
+    x_dX = jnp.einsum("kgqjp,kgqjp->kgqj", x.astype(f32), dX)  # <X, dX> = dt <x, dX>
+    dcs = jnp.einsum("kgqjp,kgqjp->kgqj", dy, y) - dt * x_dX
     if d_last is not None:
         dcs = dcs.at[:, :, -1].add(d_last)
     da = _cumsum(dcs, reverse=True)  # cotangent of dt * A
-    ddt = da * A[:, None] + jnp.einsum("kgqjp,kgqjp->kgqj", x.astype(f32), dX)
+    ddt = da * A[:, None] + x_dX
     dA = jnp.einsum("kgqj,kgqj->kgj", da, dt)
     dx = (dX * dt[..., None]).astype(x.dtype)
     dB, dC = _pad_sum(dB_parts, q), _pad_sum(dC_parts, q)
