@@ -21,8 +21,8 @@ the float32 error of its differences stay bounded). `kernels.ssd.xla_chunk` does
     on the CPU one sequence per step at the model's shapes (the fastest there), on accelerators
     up to ~1 GiB of step temporaries so that the batch fills the device.
   - The backward is a custom_vjp: it stores the inputs, the output y (float32) and the states
-    entering chunks 1.., and runs the chunks in reverse, carrying dL/dH. Autodiff of the forward
-    kept every (Q, Q) score tensor (GiBs at the model's shapes) and was ~5x slower than it.
+    entering chunks 1.., and runs the chunks in reverse, carrying dL/dH (autodiff of the forward
+    would keep every (Q, Q) score tensor: GiBs at the model's shapes).
   - The first chunk of a zero initial state and the state after the last chunk when its
     cotangent is zero are skipped (the forward's unused final state is removed by XLA).
   - A sequence not a multiple of Q ends with a shorter chunk (no padding copies); the last group
@@ -55,7 +55,7 @@ f32 = jnp.float32
 # Rows of the intra-chunk quadratic form per block (see kernels.ssd.xla_chunk).
 ROW_BLOCK = 64
 # Bytes of one step's temporaries (`_step_bytes`) on the CPU: one sequence per step at the
-# model's shapes, which measured 5-30% faster than 3-50 per step (smaller working set).
+# model's shapes, which took 10-30% less CPU time than 3-50 per step at the band-axis shape.
 _CPU_STEP_BYTES = 1 << 22
 # On accelerators: enough sequences per step to fill the device, with bounded temporaries.
 _ACCELERATOR_STEP_BYTES = 1 << 30
