@@ -82,10 +82,16 @@ def _chunks(l: int, chunk: int) -> list[tuple[int, int]]:
     return [(t0, min(q, l - t0)) for t0 in range(0, l, q)]
 
 
-def _slicer(bs, k: int, t0: int, size: int):
-    """Slices [bs, bs + k) x [t0, t0 + size) of a (b, l, ...) array (bs traced)."""
-    return lambda a: jax.lax.dynamic_slice_in_dim(
-        jax.lax.dynamic_slice_in_dim(a, bs, k, 0), t0, size, 1)
+def _slice_step(bs, k: int, t0: int, size: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """[bs, bs + k) x [t0, t0 + size) of each (b, l, ...) array (bs traced).
+
+    The barrier keeps XLA from moving the step's dtype conversions in front of the slicing:
+    it would otherwise convert a whole bf16 input to float32 once, outside the loop (two
+    float32 copies of x at the model's shapes).
+    """
+    return jax.lax.optimization_barrier(tuple(
+        jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(a, bs, k, 0), t0, size, 1)
+        for a in arrays))
 
 
 def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
@@ -103,8 +109,8 @@ def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
 
     def one_chunk(ci, bs, H, y_buf, hs_buf, last):
         t0 = ci * q
-        sl = _slicer(bs, k, t0, spans[-1][1] if last else q)
-        y, H_next = chunk_forward(sl(x), sl(dt), sl(B), sl(C), A, H, row_block, True)
+        step = _slice_step(bs, k, t0, spans[-1][1] if last else q, x, dt, B, C)
+        y, H_next = chunk_forward(*step, A, H, row_block, True)
         y_buf = jax.lax.dynamic_update_slice(y_buf, y, (bs, t0, 0, 0, 0))
         if not last:
             hs_buf = jax.lax.dynamic_update_slice(hs_buf, H_next[:, None], (bs, ci, 0, 0, 0))
@@ -143,13 +149,14 @@ def _backward(x, dt, A, B, C, H0, hs, y, dy, dfinal, *, chunk: int, row_block: i
 
     def one_chunk(ci, bs, dH, dA, bufs, last):
         t0 = ci * q
-        sl = _slicer(bs, k, t0, spans[-1][1] if last else q)
+        x_c, dt_c, B_c, C_c, y_c, dy_c = _slice_step(bs, k, t0, spans[-1][1] if last else q,
+                                                      x, dt, B, C, y, dy)
         if isinstance(ci, int) and ci == 0:  # the peeled first chunk (ci is traced in loops)
             H = None if H0 is None else jax.lax.dynamic_slice_in_dim(H0, bs, k, 0)
         else:
             H = jax.lax.dynamic_slice(hs, (bs, ci - 1, 0, 0, 0), (k, 1, g, n, j * p))[:, 0]
         dx_c, ddt_c, dB_c, dC_c, dA_c, dH = chunk_backward(
-            sl(x), sl(dt), sl(B), sl(C), A, H, sl(y), sl(dy), dH, row_block)
+            x_c, dt_c, B_c, C_c, A, H, y_c, dy_c, dH, row_block)
         bufs = tuple(jax.lax.dynamic_update_slice(buf, d, (bs, t0) + (0,) * (d.ndim - 2))
                      for buf, d in zip(bufs, (dx_c, ddt_c, dB_c, dC_c), strict=True))
         return dH, dA + dA_c, bufs
