@@ -160,22 +160,136 @@ def sequence_block(config: SequenceConfig, param_dtype: Dtype, name: str) -> nn.
     return BiMamba2Block(config, param_dtype=param_dtype, name=name)
 
 
+REMAT_MODES = ("none", "layer", "block")
+
+
+def resolve_remat(remat: Any) -> str:
+    """`model.remat` -> "none", "layer" or "block"; False/True (older configs): "none"/"layer"."""
+    if remat is False:
+        return "none"
+    if remat is True:
+        return "layer"
+    if isinstance(remat, str) and remat in REMAT_MODES:
+        return remat
+    raise ValueError(f"model.remat={remat!r} is not one of {REMAT_MODES} (or False/True); "
+                     '"block" recomputes the least memory, "none" is the fastest')
+
+
+def _after(cotangent: Any, args: tuple) -> tuple:
+    """args, made to depend on the cotangent's first element without changing their values.
+
+    x + 0 * (c == c) equals x for every finite or infinite c (c == c is 0 or 1, never NaN), but
+    XLA cannot see that, so the recomputation that reads these args can neither start before the
+    cotangent exists nor be merged with the forward pass's identical ops. XLA:CPU removes
+    `optimization_barrier`s early and then merges exactly that (common-subexpression
+    elimination), and its default scheduler runs independent work early: together they undid
+    `jax.checkpoint` completely (same compiled memory with and without it).
+    """
+    c = jax.tree_util.tree_leaves(cotangent)[0].reshape(-1)[0]
+    zero = 0.0 * (c == c).astype(jnp.float32)
+    return jax.tree_util.tree_map(
+        lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
+
+
+def recompute_in_backward(module: nn.Module, *args: Any) -> Any:
+    """module(*args), whose backward pass recomputes module's forward pass instead of keeping it.
+
+    The forward keeps only the module's parameters and its inputs; the backward reruns the
+    module from them once the output's cotangent has arrived (`_after`), then differentiates
+    it. Same values and gradients as module(*args), for one extra forward pass of the module.
+    `module` must be stateless apart from its "params" (true of every module here).
+    """
+    definition = module.clone(parent=None)  # an unbound copy, for the backward pass
+
+    def fn(mdl: nn.Module, *a: Any) -> Any:
+        return mdl(*a)
+
+    def fwd(mdl: nn.Module, *a: Any) -> tuple[Any, tuple]:
+        return mdl(*a), (mdl.variables["params"], a)
+
+    def bwd(residuals: tuple, cotangent: Any) -> tuple:
+        params, a = residuals
+        a = _after(cotangent, a)
+        _, vjp = jax.vjp(lambda p, *x: definition.apply({"params": p}, *x), params, *a)
+        params_ct, *args_ct = vjp(cotangent)
+        return ({"params": params_ct}, *args_ct)
+
+    return nn.custom_vjp(fn, forward_fn=fwd, backward_fn=bwd)(module, *args)
+
+
+def remat_call(module: nn.Module, *args: Any) -> Any:
+    """module(*args), recomputed in the backward pass: `recompute_in_backward` when the call is
+    deterministic; with a dropout rng (BS-RoFormer training) Flax's `nn.checkpoint`, which
+    replays the same dropout masks (it does not take effect on XLA:CPU, see `_after`)."""
+    if module.scope is not None and module.scope.has_rng("dropout"):
+        return nn.checkpoint(lambda mdl, *a: mdl(*a))(module, *args)
+    return recompute_in_backward(module, *args)
+
+
+def sequence_groups(n: int, length: int, group_tokens: int) -> tuple[int, int]:
+    """(groups, sequences per group) splitting n sequences of `length` steps into groups of at
+    most `group_tokens` tokens (at least one sequence each), as even as possible; 0: one group."""
+    if group_tokens <= 0 or n * length <= group_tokens:
+        return 1, n
+    groups = -(-n // max(1, group_tokens // length))
+    return groups, -(-n // groups)
+
+
+def sequence_pass(block: nn.Module, x: jax.Array, group_tokens: int, remat: bool) -> jax.Array:
+    """block(x) for x (n, l, d) holding n independent sequences, one group of them at a time.
+
+    Groups of at most `group_tokens` tokens run one after the other (`nn.scan`, parameters
+    shared), so the pass's intermediates are those of one group, whatever the batch and
+    segment length; the last group is padded with zero sequences (cut off afterwards). Each
+    group's output overwrites its input in the loop's one buffer: a scan's stacked outputs would
+    need a second, zero-filled buffer per pass (on XLA:CPU: a shared zero constant plus one copy
+    per pass, each live from the start of the program). With `remat`, each group's forward pass
+    is recomputed in the backward pass instead of kept. Returns (n, l, d).
+    """
+    n, l = x.shape[:2]
+    groups, per = sequence_groups(n, l, group_tokens)
+    call = remat_call if remat else (lambda mdl, xg: mdl(xg))
+    if groups == 1:
+        return call(block, x)
+    buf = jnp.pad(x, [(0, groups * per - n)] + [(0, 0)] * (x.ndim - 1))
+    buf = buf.reshape(groups, per, *x.shape[1:])
+
+    def body(mdl: nn.Module, carry: tuple, _: None) -> tuple[tuple, None]:
+        i, buf = carry
+        y = call(mdl, jax.lax.dynamic_index_in_dim(buf, i, keepdims=False))
+        return (i + 1, jax.lax.dynamic_update_index_in_dim(buf, y.astype(buf.dtype), i, 0)), None
+
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
+                   length=groups)
+    (_, buf), _ = scan(block, (jnp.int32(0), buf), None)
+    return buf.reshape(groups * per, *x.shape[1:])[:n]
+
+
 class DualPathLayer(nn.Module):
-    """Sequence model along time (one sequence per band), then along bands (per frame)."""
+    """Sequence model along time (one sequence per band), then along bands (per frame).
+
+    Each pass runs its sequences in groups of at most `group_tokens` tokens (`sequence_pass`).
+    """
 
     time_mixer: SequenceConfig  # model of the time pass (Mamba2: chunk_size for ~T frames)
     band_mixer: SequenceConfig  # model of the band pass (Mamba2: chunk for K bands)
+    group_tokens: int = 0  # tokens (sequences x length) per group of a pass; 0: all at once
+    remat_blocks: bool = False  # recompute each block's forward (per group) in the backward
     param_dtype: Dtype = jnp.float32  # storage dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (b, t, k, d) -> (b, t, k, d) float32."""
         b, t, k, d = x.shape
+        # Initialisation runs the plain forward: nn.scan must see the parameters' creation.
+        remat = self.remat_blocks and not self.is_initializing()
         xt = jnp.transpose(x, (0, 2, 1, 3)).reshape(b * k, t, d)  # sequences over time
-        xt = sequence_block(self.time_mixer, self.param_dtype, "time")(xt)
+        time = sequence_block(self.time_mixer, self.param_dtype, "time")
+        xt = sequence_pass(time, xt, self.group_tokens, remat)
         x = jnp.transpose(xt.reshape(b, k, t, d), (0, 2, 1, 3))  # (b, t, k, d)
         xk = x.reshape(b * t, k, d)  # sequences over bands
-        xk = sequence_block(self.band_mixer, self.param_dtype, "band")(xk)
+        band = sequence_block(self.band_mixer, self.param_dtype, "band")
+        xk = sequence_pass(band, xk, self.group_tokens, remat)
         return xk.reshape(b, t, k, d)
 
 
@@ -227,7 +341,8 @@ class BSMamba2(nn.Module):
     attn_impl: str = "xla"  # transformer: "xla" or "cudnn" (fused GPU kernel, bf16 only)
     ssd_impl: str = "xla"  # "xla", "scan" or "pallas"
     dtype: Dtype = "float32"  # matmul / conv compute dtype (string or dtype)
-    remat: bool = False  # jax.checkpoint each dual-path layer
+    remat: str | bool = "none"  # "none", "layer" or "block": what the backward recomputes
+    group_tokens: int = 0  # tokens per group of sequences in a dual-path pass; 0: all at once
     param_dtype: Dtype = jnp.float32  # parameter storage dtype
 
     def _mixer(self, chunk_size: int, dtype: jnp.dtype) -> Mamba2Config:
@@ -270,15 +385,20 @@ class BSMamba2(nn.Module):
         spec = stft(audio.astype(jnp.float32), self.n_fft, self.hop_length)  # (b, 2, f, t)
         x = BandSplit(widths, self.dim, dtype=dtype, param_dtype=self.param_dtype,
                       name="band_split")(fold_spectrum(spec))  # (b, t, k, d)
-        layer = nn.remat(DualPathLayer) if self.remat else DualPathLayer
+        remat = resolve_remat(self.remat)
         if self.mixer == "transformer":
             time_mixer = band_mixer = self._transformer(dtype, train)
         else:
             time_mixer = self._mixer(self.chunk_size, dtype)
             band_mixer = self._mixer(self.band_chunk_size, dtype)
         for i in range(self.depth):
-            x = layer(time_mixer, band_mixer, param_dtype=self.param_dtype,
-                      name=f"layer{i}")(x)
+            layer = DualPathLayer(time_mixer, band_mixer, group_tokens=self.group_tokens,
+                                  remat_blocks=remat == "block", param_dtype=self.param_dtype,
+                                  name=f"layer{i}")
+            if remat == "layer" and not self.is_initializing():
+                x = remat_call(layer, x)
+            else:
+                x = layer(x)
         x = L2RMSNorm(param_dtype=self.param_dtype, name="final_norm")(x)
         mask = MaskEstimator(widths, self.mask_hidden_mult * self.dim, dtype=dtype,
                              param_dtype=self.param_dtype, name="mask")(x)  # (b, t, 4f)

@@ -36,7 +36,14 @@ def get_model_config(variant: str = "") -> ml_collections.ConfigDict:
     m.mask_hidden_mult = 4  # mask estimator hidden size = mult * dim
     m.ssd_impl = "xla"  # "xla" (chunked, pure JAX), "scan" (reference) or "pallas" (GPU kernel)
     m.dtype = "bfloat16"  # compute dtype of matmuls/convs; params, SSD state, norms stay float32
-    m.remat = False  # jax.checkpoint each dual-path layer: less memory, ~1.3x compute
+    # What the backward pass recomputes instead of keeping: "none" (fastest, most memory),
+    # "layer" (each dual-path layer), "block" (each bidirectional block, per group of sequences:
+    # least memory). Both cost one extra forward pass. False/True are "none"/"layer".
+    m.remat = "none"
+    # The time and band passes run their sequences in groups of at most this many tokens
+    # (sequences x length), one group after the other: intermediates scale with it, not with
+    # batch x segment length. 0: all sequences at once. The output does not depend on it.
+    m.group_tokens = 0
     if variant in ("tiny", "demo"):
         m.dim = 32 if variant == "tiny" else 64
         m.depth = 1 if variant == "tiny" else 2
