@@ -1,6 +1,7 @@
-"""Forward speed of the paper BSMamba2 on one 8 s stereo segment, against the machine's matmul rate.
+"""Forward speed and memory of the paper BSMamba2, against the machine's matmul rate.
 
-    python benchmarks/model.py [--seconds 8] [--repeats 2] [--dtype float32] [--breakdown]
+    python benchmarks/model.py [speed] [--seconds 8] [--repeats 2] [--dtype float32] [--breakdown]
+    python benchmarks/model.py memory [--seconds 1,2,4,8] [--dtype bfloat16] [--json out.json]
 
 Prints a table: compile time, forward time, real-time factor (seconds of compute per second of
 audio), forward FLOPs (XLA's cost analysis of the compiled forward, and counted from the model's
@@ -13,23 +14,33 @@ layer (time-pass block, its SSD, band-pass block) to show where the time goes.
 single matmul on one thread (so does NumPy's BLAS) while the forward keeps ~1.7 cores busy
 (parallel elementwise fusions), so the wall ratio compares two cores against one; the per-CPU-second
 ratio is the per-core efficiency.
+
+memory: XLA's compiled memory analysis of the forward (nothing runs) at each segment length, batch
+1, with the config's dtype (bf16) and `group_tokens`: temporaries of the model, of the model
+with the SSD replaced by an elementwise stand-in (so "SSD share" = the difference), and of one
+SSD call alone at the shapes of one group of the time pass and of the band pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bsmamba2_jax.mamba2
 from bsmamba2_jax.audio import num_frames
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config
-from bsmamba2_jax.model import BSMamba2, resolve_dtype
+from bsmamba2_jax.model import BSMamba2, resolve_dtype, sequence_groups
 from configs.bsmamba2 import get_config
 from kernels.ssd import mamba_chunk_scan
 
@@ -144,7 +155,99 @@ def breakdown(m: BSMamba2, samples: int, repeats: int) -> list[tuple[str, float]
     return rows
 
 
+@contextlib.contextmanager
+def ssd_stand_in():
+    """Replaces the mixers' SSD call by an elementwise function of the same inputs and shape."""
+    def stand_in(x, dt, A, B, C, chunk_size, **kwargs):
+        del A, chunk_size, kwargs
+        j = x.shape[2] // B.shape[2]
+        bc = jnp.repeat(jnp.sum(B.astype(jnp.float32) * C.astype(jnp.float32), -1), j, axis=2)
+        return (x.astype(jnp.float32) * (dt + bc)[..., None]).astype(x.dtype)
+
+    original = bsmamba2_jax.mamba2.mamba_chunk_scan
+    bsmamba2_jax.mamba2.mamba_chunk_scan = stand_in
+    try:
+        yield
+    finally:
+        bsmamba2_jax.mamba2.mamba_chunk_scan = original
+
+
+def temp_bytes(fn, *args) -> float:
+    """Temporary bytes of XLA's compiled memory analysis of jit(fn)(*args)."""
+    return float(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def ssd_alone_bytes(m: BSMamba2, seqs: int, length: int, chunk: int) -> float:
+    """Temporaries of one forward SSD call (one direction) on `seqs` sequences of `length`."""
+    dtype = resolve_dtype(m.dtype)
+    h = m.expand * m.dim // m.headdim
+    x = jax.ShapeDtypeStruct((seqs, length, h, m.headdim), dtype)
+    dt = jax.ShapeDtypeStruct((seqs, length, h), jnp.float32)
+    a = jax.ShapeDtypeStruct((h,), jnp.float32)
+    bc = jax.ShapeDtypeStruct((seqs, length, m.ngroups, m.d_state), dtype)
+    return temp_bytes(lambda x, dt, a, b, c: mamba_chunk_scan(
+        x, dt, a, b, c, chunk, D=jnp.ones_like(a), dt_bias=a, dt_softplus=True,
+        impl=m.ssd_impl), x, dt, a, bc, bc)
+
+
+def memory(args: argparse.Namespace) -> list[dict]:
+    cfg = get_config().model
+    cfg.dtype = args.dtype or cfg.dtype
+    cfg.ssd_impl = args.ssd_impl
+    if args.group_tokens is not None:
+        cfg.group_tokens = args.group_tokens
+    model = BSMamba2(**cfg)
+    gib = 2.0**30
+    print(f"# BSMamba2 paper config forward memory (compiled, not run), batch 1, "
+          f"dtype={model.dtype}, ssd_impl={model.ssd_impl}, group_tokens={model.group_tokens}, "
+          f"backend {jax.default_backend()}, jax {jax.__version__}, GiB")
+    print("| segment s | temporaries | without SSD | SSD share | SSD alone: time pass group "
+          "| SSD alone: band pass group |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for seconds in [float(x) for x in args.seconds.split(",")]:
+        samples = int(round(seconds * SR))
+        audio = jax.ShapeDtypeStruct((1, 2, samples), jnp.float32)
+        params = jax.eval_shape(model.init, jax.random.key(0), audio)
+        full = temp_bytes(model.apply, params, audio)
+        with ssd_stand_in():
+            no_ssd = temp_bytes(lambda p, a: model.apply(p, a), params, audio)
+        t, k = num_frames(samples, model.hop_length), len(model.band_widths)
+        time_seqs = sequence_groups(k, t, model.group_tokens)[1]
+        band_seqs = sequence_groups(t, k, model.group_tokens)[1]
+        row = {"seconds": seconds, "temp_gib": full / gib, "without_ssd_gib": no_ssd / gib,
+               "ssd_time_group_gib": ssd_alone_bytes(model, time_seqs, t, model.chunk_size) / gib,
+               "ssd_band_group_gib": ssd_alone_bytes(model, band_seqs, k,
+                                                     model.band_chunk_size) / gib,
+               "time_group": [time_seqs, t], "band_group": [band_seqs, k]}
+        rows.append(row)
+        print(f"| {seconds:g} | {row['temp_gib']:.2f} | {row['without_ssd_gib']:.2f} | "
+              f"{row['temp_gib'] - row['without_ssd_gib']:.2f} | "
+              f"{row['ssd_time_group_gib']:.2f} ({time_seqs} x {t}) | "
+              f"{row['ssd_band_group_gib']:.2f} ({band_seqs} x {k}) |", flush=True)
+    return rows
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "memory":
+        ap = argparse.ArgumentParser(description="Compiled forward memory of the paper config")
+        ap.add_argument("mode")
+        ap.add_argument("--seconds", default="1,2,4,8", help="comma list of segment lengths")
+        ap.add_argument("--dtype", default="", help="compute dtype (default: config's)")
+        ap.add_argument("--ssd-impl", default="xla", help="SSD implementation")
+        ap.add_argument("--group-tokens", type=int, default=None,
+                        help="model.group_tokens (default: config's)")
+        ap.add_argument("--json", default="", help="also write the rows to this JSON file")
+        args = ap.parse_args()
+        rows = memory(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"backend": jax.default_backend(), "jax": jax.__version__,
+                 "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+                 "rows": rows}, indent=1))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "speed":
+        sys.argv.pop(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="segment length")
     ap.add_argument("--repeats", type=int, default=2, help="timed forward runs (best is kept)")

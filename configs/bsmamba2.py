@@ -43,7 +43,7 @@ def get_model_config(variant: str = "") -> ml_collections.ConfigDict:
     # The time and band passes run their sequences in groups of at most this many tokens
     # (sequences x length), one group after the other: intermediates scale with it, not with
     # batch x segment length. 0: all sequences at once. The output does not depend on it.
-    m.group_tokens = 0
+    m.group_tokens = 16384
     if variant in ("tiny", "demo"):
         m.dim = 32 if variant == "tiny" else 64
         m.depth = 1 if variant == "tiny" else 2
