@@ -24,8 +24,10 @@ def l2_rms_norm(x: jax.Array, gamma: jax.Array, eps: float = 1e-12) -> jax.Array
     the Mamba2 mixers.
     """
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps) * math.sqrt(x.shape[-1]) * gamma.astype(jnp.float32)
+    # sqrt(max(|x|^2, eps^2)) == max(|x|, eps), but its gradient stays finite at x = 0 (a silent
+    # band, a padding sequence): sqrt's derivative at 0 is infinite, and inf * 0 = NaN.
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
+    return x / norm * math.sqrt(x.shape[-1]) * gamma.astype(jnp.float32)
 
 
 class L2RMSNorm(nn.Module):

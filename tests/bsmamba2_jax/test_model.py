@@ -24,6 +24,7 @@ from bsmamba2_jax.model import (
     sequence_pass,
     unfold_mask,
 )
+from bsmamba2_jax.norms import l2_rms_norm
 from configs.bsmamba2 import get_config
 
 SR = 44100
@@ -127,11 +128,12 @@ def test_gradients_are_finite(tiny):
 
 
 @pytest.mark.slow
-def test_remat_gives_the_same_gradients(tiny):
+@pytest.mark.parametrize("remat", ["layer", "block"])
+def test_remat_gives_the_same_gradients(tiny, remat):
     model, params = tiny
     audio = random_audio(0.3, seed=5)
     g = jax.tree_util.tree_leaves(_grads(model, params, audio))
-    gr = jax.tree_util.tree_leaves(_grads(tiny_model(remat=True), params, audio))
+    gr = jax.tree_util.tree_leaves(_grads(tiny_model(remat=remat), params, audio))
     for a, b in zip(g, gr, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(a).max()) + 1e-12)
@@ -295,3 +297,34 @@ def test_recomputation_lowers_the_compiled_memory_of_the_gradient():
     # plain: ~8 layers x 3 wide (4 MiB x 4) intermediates; layer: the 8 inputs + one layer's.
     assert temp["layer"] < 0.4 * temp["plain"], temp
     assert temp["groups"] < temp["layer"], temp
+
+
+def test_l2_rms_norm_has_a_finite_gradient_at_zero():
+    """A silent band or a padding sequence is an all-zero token: forward 0, gradient finite."""
+    rng = np.random.default_rng(11)
+    x = np.asarray(rng.standard_normal((3, 5)), np.float32)
+    x[1] = 0.0
+    gamma = jnp.asarray(1 + 0.1 * rng.standard_normal(5), jnp.float32)
+    y, vjp = jax.vjp(lambda v: l2_rms_norm(v, gamma), jnp.asarray(x))
+    (g,) = vjp(jnp.ones_like(y))
+    assert np.all(np.asarray(y)[1] == 0) and np.all(np.isfinite(np.asarray(g)))
+    want = x[0] / np.linalg.norm(x[0]) * np.sqrt(5) * np.asarray(gamma)
+    np.testing.assert_allclose(np.asarray(y)[0], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["layer", "block"])
+def test_roformer_groups_and_remat_keep_values_and_gradients(remat):
+    """BS-RoFormer through padded groups (zero sequences) and recomputation, dropout off."""
+    from configs import bsroformer
+
+    cfg = bsroformer.get_config("tiny").model.to_dict()
+    audio = random_audio(0.2, seed=zlib.crc32(remat.encode()) % 1000)
+    plain = BSMamba2(**cfg)
+    ours = BSMamba2(**{**cfg, "remat": remat, "group_tokens": 40})
+    params = plain.init(jax.random.key(2), audio)
+    want = jax.tree.leaves(_grads(plain, params, audio))
+    got = jax.tree.leaves(_grads(ours, params, audio))
+    for g, w in zip(got, want, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(w).max()) + 1e-12)
