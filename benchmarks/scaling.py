@@ -28,29 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 def measure(args) -> list[dict]:
     """Runs inside one process: every mesh shape of jax.device_count() devices."""
     sys.path.insert(0, str(REPO))
-    import functools
-
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from bsmamba2_jax.losses import separation_loss
-    from bsmamba2_jax.model import BSMamba2
     from bsmamba2_jax.train import sharding as shard_lib
-    from bsmamba2_jax.train.optim import make_optimizer
-    from bsmamba2_jax.train.state import init_train_state
-    from bsmamba2_jax.train.step import make_train_step
+    from bsmamba2_jax.train.build import build, shard
     from configs.bsmamba2 import get_config
 
     n = args.n
     config = get_config("" if args.config == "paper" else args.config)
     samples = int(round(args.seconds * config.data.sample_rate))
-    model = BSMamba2(**config.model)
-    tx = make_optimizer(config)
-    init_fn = functools.partial(init_train_state, model, tx,
-                                example_audio=jnp.zeros((1, 2, samples), jnp.float32))
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    step_fn = make_train_step(model, tx, separation_loss, config.ema_decay)
+    parts = build(config)
     rng = np.random.default_rng(0)
     b = args.per_device_batch * n
     vocals = 0.3 * rng.standard_normal((b, 2, samples)).astype(np.float32)
@@ -59,12 +47,10 @@ def measure(args) -> list[dict]:
     rows = []
     for fsdp in [f for f in range(1, n + 1) if n % f == 0]:
         mesh = shard_lib.make_mesh(n // fsdp, fsdp, devices=jax.devices()[:n])
-        state_sh = shard_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
-        data_sh = shard_lib.batch_sharding(mesh)
-        step = jax.jit(step_fn, in_shardings=(state_sh, data_sh),
-                       out_shardings=(state_sh, shard_lib.replicated(mesh)), donate_argnums=0)
-        state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
-        batch = {k: jax.device_put(v, data_sh) for k, v in host_batch.items()}
+        run = shard(parts, mesh, config.mesh.fsdp_min_size)
+        step = run.train_step
+        state = run.init(jax.random.PRNGKey(0))
+        batch = {k: jax.device_put(v, run.data_sharding) for k, v in host_batch.items()}
         compiled = step.lower(state, batch).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         state, m = step(state, batch)

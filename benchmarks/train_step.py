@@ -33,7 +33,6 @@ GPU's buffer assignment; the CPU's is larger (its default scheduler favours conc
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import subprocess
@@ -43,15 +42,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bsmamba2_jax.losses import separation_loss
-from bsmamba2_jax.model import BSMamba2
-from bsmamba2_jax.train.optim import make_optimizer
-from bsmamba2_jax.train.state import init_train_state
-from bsmamba2_jax.train.step import make_train_step
+from bsmamba2_jax.train.build import build
 
 MIB = 2.0**20
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of cards this benchmark is run on.
@@ -81,15 +75,11 @@ def configure(config: ml_collections.ConfigDict, *, remat: str | None = None,
     return config
 
 
-def make_step(config: ml_collections.ConfigDict, samples: int):
-    """(init_fn(rng) -> state, jitted train step) for segments of `samples` samples."""
-    model = BSMamba2(**config.model)
-    tx = make_optimizer(config)
-    init_fn = functools.partial(init_train_state, model, tx,
-                                example_audio=jnp.zeros((1, 2, samples), jnp.float32))
-    step = jax.jit(make_train_step(model, tx, separation_loss, config.ema_decay),
-                   donate_argnums=0)
-    return init_fn, step
+def make_step(config: ml_collections.ConfigDict):
+    """(init_fn(rng) -> state, jitted train step) from the wiring train.py uses (the parameter
+    shapes do not depend on the segment length)."""
+    parts = build(config)
+    return parts.init_fn, jax.jit(parts.train_step, donate_argnums=0)
 
 
 def make_batch(batch: int, samples: int, seed: int = 0) -> dict:
@@ -113,7 +103,7 @@ def xla_flops(lowered_or_compiled) -> float:
 
 def model_flops(config: ml_collections.ConfigDict, batch: int, samples: int) -> float:
     """XLA's FLOPs of one train step without remat and sequence groups (lowered, not compiled)."""
-    init_fn, step = make_step(configure(config, remat="none", group_tokens=0), samples)
+    init_fn, step = make_step(configure(config, remat="none", group_tokens=0))
     state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     return xla_flops(step.lower(state, abstract(make_batch(batch, samples))))
 
@@ -138,7 +128,7 @@ def speed_row(config: ml_collections.ConfigDict, seconds: float, batch: int, ste
               peak: float | None) -> dict:
     """One (config, batch) measurement; raises on failure (OOM included)."""
     samples = int(round(seconds * config.data.sample_rate))
-    init_fn, step = make_step(config, samples)
+    init_fn, step = make_step(config)
     data = jax.device_put(make_batch(batch, samples))
     state = jax.jit(init_fn)(jax.random.PRNGKey(0))
     t0 = time.perf_counter()
@@ -251,7 +241,7 @@ def memory(args: argparse.Namespace) -> list[dict]:
                     config = configure(base, remat=remat, impl=impl, dtype=args.dtype,
                                        group_tokens=gt)
                     samples = int(round(seconds * config.data.sample_rate))
-                    init_fn, step = make_step(config, samples)
+                    init_fn, step = make_step(config)
                     state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
                     t0 = time.perf_counter()
                     mem = step.lower(state, abstract(make_batch(args.batch, samples))

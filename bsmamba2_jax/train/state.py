@@ -19,16 +19,17 @@ class TrainState:
     step: int32 scalar, micro-batches done (train-step calls; updates = step // accum_steps).
     params, ema_params: the model's float32 variables (`model.init` output).
     opt_state: `optax.MultiSteps` state (holds the accumulated gradient and AdamW moments).
-    rng: PRNG key (uint32 (2,)) split once per step.
     nonfinite_run: int32 scalar, consecutive micro-batches skipped for a non-finite loss/gradient.
     nonfinite_total: int32 scalar, all skipped micro-batches of the run.
+
+    No PRNG key is carried: a step that needs randomness (dropout) derives it from the run's
+    seed and `step` (`jax.random.fold_in`), so it is a pure function of the state and the batch.
     """
 
     step: jax.Array
     params: PyTree
     ema_params: PyTree
     opt_state: optax.OptState
-    rng: jax.Array
     nonfinite_run: jax.Array
     nonfinite_total: jax.Array
 
@@ -39,14 +40,18 @@ def init_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
 
     Pure: jit it with `out_shardings` to create the state directly in its sharded layout.
     """
-    init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, example_audio)
+    params = model.init(rng, example_audio)
+    return state_from_params(tx, params, jax.tree.map(jnp.copy, params))
+
+
+def state_from_params(tx: optax.GradientTransformation, params: PyTree,
+                      ema_params: PyTree) -> TrainState:
+    """A step-0 state around given weights, with a fresh optimizer (fine-tuning starts here)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
+        ema_params=ema_params,
         opt_state=tx.init(params),
-        rng=state_rng,
         nonfinite_run=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
     )

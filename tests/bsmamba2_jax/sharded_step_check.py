@@ -19,8 +19,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bsmamba2_jax.train import sharding as shard_lib  # noqa: E402
+from bsmamba2_jax.train.build import build, shard  # noqa: E402
 from tests.bsmamba2_jax.train_helpers import (  # noqa: E402
-    build,
     max_abs_diff,
     random_batch,
     tiny_config,
@@ -29,16 +29,14 @@ from tests.bsmamba2_jax.train_helpers import (  # noqa: E402
 FSDP_MIN_SIZE = 256  # the tiny model's arrays are small; shard most of them anyway
 
 
-def run(mesh, step_fn, init_state, batches):
-    state_sh = shard_lib.state_shardings(mesh, init_state, FSDP_MIN_SIZE)
-    data_sh = shard_lib.batch_sharding(mesh)
-    state = jax.device_put(init_state, state_sh)
-    step = jax.jit(step_fn, in_shardings=(state_sh, data_sh),
-                   out_shardings=(state_sh, shard_lib.replicated(mesh)), donate_argnums=0)
+def run(parts, mesh, init_state, batches):
+    sharded = shard(parts, mesh, FSDP_MIN_SIZE)
+    state = jax.device_put(init_state, sharded.state_sharding)
     state_bytes = max(shard_lib.per_device_bytes(state).values())
     losses = []
     for b in batches:
-        state, metrics = step(state, {k: jax.device_put(v, data_sh) for k, v in b.items()})
+        state, metrics = sharded.train_step(
+            state, {k: jax.device_put(v, sharded.data_sharding) for k, v in b.items()})
         losses.append(float(metrics["loss"]))
     sharded_leaves = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
     return jax.device_get(state), losses, state_bytes, sharded_leaves
@@ -49,16 +47,15 @@ def main():
     # Adam divides by sqrt(v) + eps: with eps = 1e-8 a parameter whose gradient is ~0 up to
     # rounding (different summation order across devices) moves by +-lr either way. A larger
     # eps makes the update a smooth function of the gradient, so 1e-5 is a fair tolerance.
-    config = tiny_config(accum_steps=2, eps=1e-3)
-    _, _, init_fn, step_fn = build(config)
-    init_state = jax.device_get(jax.jit(init_fn)(jax.random.PRNGKey(0)))
+    parts = build(tiny_config(accum_steps=2, eps=1e-3))
+    init_state = jax.device_get(jax.jit(parts.init_fn)(jax.random.PRNGKey(0)))
     batches = [random_batch(seed, 8) for seed in (1, 2)]  # 2 micro-batches = 1 update
     ref_state, ref_losses, ref_bytes, _ = run(
-        shard_lib.make_mesh(1, 1, devices=jax.devices()[:1]), step_fn, init_state, batches)
+        parts, shard_lib.make_mesh(1, 1, devices=jax.devices()[:1]), init_state, batches)
     out = {"single": {"losses": ref_losses, "state_bytes": ref_bytes}}
     for data, fsdp in ((8, 1), (2, 4)):
         state, losses, nbytes, n_sharded = run(
-            shard_lib.make_mesh(data, fsdp), step_fn, init_state, batches)
+            parts, shard_lib.make_mesh(data, fsdp), init_state, batches)
         out[f"{data}x{fsdp}"] = {
             "losses": losses, "state_bytes": nbytes, "sharded_leaves": n_sharded,
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
