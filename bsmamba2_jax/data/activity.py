@@ -45,9 +45,14 @@ class ActivityParams:
                              f"step={self.step} >= 1")
 
 
+def segment_samples(data_config: ml_collections.ConfigDict) -> int:
+    """Training/validation segment length in samples (`config.data` seconds x rate)."""
+    return int(round(data_config.segment_seconds * data_config.sample_rate))
+
+
 def params_from_config(data_config: ml_collections.ConfigDict) -> ActivityParams:
     """ActivityParams from `config.data` (segment length in seconds -> samples)."""
-    window = int(round(data_config.segment_seconds * data_config.sample_rate))
+    window = segment_samples(data_config)
     return ActivityParams(
         window=window,
         step=max(1, int(round(window * data_config.activity_step_fraction))),

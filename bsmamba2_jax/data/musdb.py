@@ -42,9 +42,6 @@ class Track:
     paths: Mapping[str, pathlib.Path]
     num_samples: int
 
-    def path(self, stem: str) -> pathlib.Path:
-        return self.paths[stem]
-
 
 def check_root(root: str | os.PathLike) -> pathlib.Path:
     """The root as a Path; ValueError if it or its train/ and test/ folders are missing."""

@@ -1,4 +1,4 @@
-"""Grain input pipeline: random-mix training batches and aligned validation segments.
+"""Grain input pipeline: random-mix training batches and validation windows.
 
 See docs/DESIGN.md#data.
 
@@ -26,7 +26,7 @@ import logging
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
     import grain
 
 _MAX_SEED = 2**32 - 1  # Grain's random_map seed range
-
-
-def segment_samples(data_config: ml_collections.ConfigDict) -> int:
-    """Training/validation segment length in samples."""
-    return int(round(data_config.segment_seconds * data_config.sample_rate))
 
 
 def _synthetic_info(data_config: ml_collections.ConfigDict) -> dict:
@@ -93,16 +88,6 @@ def prepare_dataset_root(config: ml_collections.ConfigDict,
         if not (root / synthetic.INFO_FILE).is_file():
             raise
     return root
-
-
-def assert_no_split_leakage(config: ml_collections.ConfigDict, root: str | os.PathLike) -> None:
-    """Raises ValueError if a validation or test track is among the tracks training draws from.
-
-    `config` is accepted for symmetry with the other entry points; the split depends on the root
-    alone. make_train_dataset runs the same check on the tracks it actually uses.
-    """
-    del config
-    musdb_lib.check_split_disjoint(root, musdb_lib.list_tracks(root, "train"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,36 +211,62 @@ def make_train_dataset(config: ml_collections.ConfigDict, root: str | os.PathLik
     return it
 
 
-def make_validation_segments(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
-                             max_segments: int | None = None,
-                             cache_dir: str | os.PathLike | None = None
-                             ) -> list[dict[str, Any]]:
-    """Aligned same-track validation segments at the windows where the vocals are active.
+@dataclasses.dataclass(frozen=True)
+class ValidationSet:
+    """Validation windows, read on demand (1200 windows of 8 s would be ~7 GB in memory).
+
+    Window i covers samples [start, start + length) of track `tracks[windows[i, 0]]`, start =
+    windows[i, 1]: vocals = that track's vocals.wav, mixture = the sum of its four stems there
+    (the authors' validation mixes aligned stems; mixture.wav is not read).
+    """
+
+    tracks: tuple[musdb_lib.Track, ...]
+    windows: np.ndarray  # (n, 2) int64 rows (track index, start sample)
+    length: int  # samples per window
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """{"mixture", "vocals"}: (len(indices), 2, length) float32 of those windows."""
+        out = {k: np.zeros((len(indices), musdb_lib.CHANNELS, self.length), np.float32)
+               for k in ("mixture", "vocals")}
+        for row, i in enumerate(indices):
+            track, start = self.tracks[self.windows[i, 0]], int(self.windows[i, 1])
+            for stem in musdb_lib.STEMS:
+                audio = musdb_lib.read_crop(track.paths[stem], start, self.length)
+                out["mixture"][row] += audio
+                if stem == "vocals":
+                    out["vocals"][row] = audio
+        return out
+
+
+def make_validation_set(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
+                        seed: int, cache_dir: str | os.PathLike | None = None) -> ValidationSet:
+    """`config.data.validation_windows` windows drawn from the vocal-active windows of the
+    validation tracks.
+
+    Draws are uniform with replacement (the authors' `random.choice` over their vocals filelist)
+    from a NumPy generator seeded with `seed`, once: every validation of a run scores the same
+    windows, so scores of different steps compare. Windows are sorted by (track, start) for
+    reading.
 
     Args:
-      config: the experiment config (uses config.data; segment length and activity parameters).
+      config: the experiment config (uses config.data: segment length, activity parameters,
+        validation_windows).
       root: dataset root.
-      max_segments: keep at most this many, evenly spread over the list; None =
-        config.data.validation_max_segments (0 = all).
-      cache_dir: as for make_train_dataset.
-    Returns:
-      list of {"track": str, "start": int, "mixture": (2, samples) float32,
-      "vocals": (2, samples) float32}, ordered by track name then start; mixture is read from
-      mixture.wav and vocals from vocals.wav at the same samples.
+      seed: the draw's seed (train.py passes config.seed).
+      cache_dir: where the activity index is cached, as for make_train_dataset.
     """
     d = config.data
-    max_segments = d.validation_max_segments if max_segments is None else max_segments
     tracks = musdb_lib.list_tracks(root, "valid")
     params = activity_lib.params_from_config(d)
     index = activity_lib.activity_index(root, "valid", params, tracks=tracks, cache_dir=cache_dir)
-    spots = [(t, s) for t in tracks for s in index["vocals"][t.name]]
-    if not spots:
+    spots = np.asarray([(i, s) for i, t in enumerate(tracks) for s in index["vocals"][t.name]],
+                       np.int64).reshape(-1, 2)
+    if not len(spots):
         raise ValueError(f"no validation track of {root} has an active vocal window of "
                          f"{d.segment_seconds} s; lower config.data.segment_seconds")
-    if max_segments and len(spots) > max_segments:
-        keep = np.unique(np.linspace(0, len(spots) - 1, max_segments).round().astype(int))
-        spots = [spots[i] for i in keep]
-    return [{"track": t.name, "start": int(s),
-             "mixture": musdb_lib.read_crop(t.paths["mixture"], s, params.window),
-             "vocals": musdb_lib.read_crop(t.paths["vocals"], s, params.window)}
-            for t, s in spots]
+    picks = np.random.default_rng(seed).integers(len(spots), size=d.validation_windows)
+    windows = spots[np.sort(picks)]  # spots are sorted by (track, start): so are the windows
+    return ValidationSet(tuple(tracks), windows, params.window)

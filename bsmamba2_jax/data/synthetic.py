@@ -40,9 +40,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bsmamba2_jax.data.musdb import SAMPLE_RATE, STEMS
+# One definition of the rate, the stems and the musdb setup file name (the file the generator
+# writes with the synthetic validation track names).
+from bsmamba2_jax.data.musdb import SAMPLE_RATE, SETUP_FILE, STEMS
 
-SETUP_FILE = "musdb_setup.yaml"  # musdb setup with the synthetic validation track names
 INFO_FILE = "synthetic.json"  # generation parameters; written last, marks a complete set
 SUBTYPES = ("FLOAT", "PCM_16")
 

@@ -1,53 +1,66 @@
-"""Validation on aligned segments with the EMA weights: uSDR of the model and of the mixture."""
+"""Validation on the run's fixed windows: loss and uSDR of the model, uSDR of the mixture.
+
+The authors' validation (their Lightning module's validation_step) logs the training loss and
+the uSDR of each window, averaged over windows, with the EMA weights swapped in; checkpoint
+selection ranks steps by both (docs/DESIGN.md#loss-and-recipe).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from bsmamba2_jax.data.pipeline import ValidationSet
 from bsmamba2_jax.metrics import usdr
 from bsmamba2_jax.train.sharding import batch_sharding
 
 
-def stack_segments(segments: Sequence[dict], key: str) -> np.ndarray:
-    """(n, 2, S) float32 from segments' `key` arrays (2, s_i), zero-padded to the longest S."""
-    length = max(s[key].shape[-1] for s in segments)
-    out = np.zeros((len(segments), 2, length), np.float32)
-    for i, s in enumerate(segments):
-        out[i, :, : s[key].shape[-1]] = s[key]
-    return out
-
-
-def validate(eval_step: Callable, params, segments: Sequence[dict], mesh: Mesh,
+def validate(eval_step: Callable, params, windows: ValidationSet, mesh: Mesh,
              batch_size: int) -> dict[str, float]:
-    """Mean uSDR over segments of the estimate and of the mixture taken as the estimate.
+    """Means over the validation windows.
 
-    eval_step: jitted `(params, mixture (b, 2, S)) -> estimate (b, 2, S)` with a replicated output.
-    segments: {"mixture": (2, S), "vocals": (2, S), ...}; every process passes the same list.
-    batch_size: rounded up to a multiple of the device count; the last batch is zero-padded.
+    eval_step: jitted `(params, batch) -> (estimate (b, 2, S), loss (b,))` with replicated
+      outputs (`build.shard(...).eval_step`).
+    windows: the run's ValidationSet; every process reads the same windows.
+    batch_size: rounded up to a multiple of the device count; the last batch is zero-padded
+      and the padding is not scored.
+    Returns {"loss", "usdr", "usdr_mixture_baseline", "usdr_gain", "windows"}; the uSDR is the
+    authors' per-window definition (all channels and samples of a window, then the mean).
     """
-    if not segments:
-        raise ValueError("No validation segments: the validation split is empty")
+    n = len(windows)
+    if n == 0:
+        raise ValueError("No validation windows: config.data.validation_windows is 0")
     n_dev = mesh.size
     batch_size = -(-batch_size // n_dev) * n_dev
-    mixtures = stack_segments(segments, "mixture")
     sharding = batch_sharding(mesh)
-    model_scores, mixture_scores = [], []
-    for start in range(0, len(segments), batch_size):
-        chunk = mixtures[start:start + batch_size]
-        padded = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
-        padded[: len(chunk)] = chunk
-        # Every process holds the whole batch; each device takes its slice of it.
-        global_batch = jax.make_array_from_callback(padded.shape, sharding, padded.__getitem__)
-        estimates = np.asarray(eval_step(params, global_batch))
-        for j, seg in enumerate(segments[start:start + batch_size]):
-            length = seg["vocals"].shape[-1]
-            model_scores.append(usdr(seg["vocals"], estimates[j, :, :length]))
-            mixture_scores.append(usdr(seg["vocals"], seg["mixture"]))
-    return {"usdr": float(np.mean(model_scores)),
+    starts = list(range(0, n, batch_size))
+
+    def read(start: int) -> dict[str, np.ndarray]:
+        batch = windows.read(range(start, min(start + batch_size, n)))
+        return {k: np.pad(v, [(0, batch_size - len(v)), (0, 0), (0, 0)])
+                for k, v in batch.items()}
+
+    losses, model_scores, mixture_scores = [], [], []
+    with ThreadPoolExecutor(1) as reader:  # reads batch k + 1 while the devices run batch k
+        pending = reader.submit(read, starts[0])
+        for k, start in enumerate(starts):
+            batch = pending.result()
+            if k + 1 < len(starts):
+                pending = reader.submit(read, starts[k + 1])
+            # Every process holds the whole batch; each device takes its slice of it.
+            device_batch = {key: jax.make_array_from_callback(v.shape, sharding, v.__getitem__)
+                            for key, v in batch.items()}
+            estimates, loss = jax.device_get(eval_step(params, device_batch))
+            for j in range(min(batch_size, n - start)):
+                losses.append(float(loss[j]))
+                model_scores.append(usdr(batch["vocals"][j], estimates[j]))
+                mixture_scores.append(usdr(batch["vocals"][j], batch["mixture"][j]))
+    return {"loss": float(np.mean(losses)),
+            "usdr": float(np.mean(model_scores)),
             "usdr_mixture_baseline": float(np.mean(mixture_scores)),
             "usdr_gain": float(np.mean(model_scores) - np.mean(mixture_scores)),
-            "segments": float(len(segments))}
+            "windows": float(n)}

@@ -63,7 +63,7 @@ def test_list_tracks_and_splits(synthetic_root):
             assert t.num_samples == 6 * 44100
             assert set(t.paths) == {"mixture", *data.STEMS}
             assert all(p.is_file() and p.parent.name == t.name for p in t.paths.values())
-    data.assert_no_split_leakage(_config(synthetic_root), synthetic_root)
+    data.check_split_disjoint(synthetic_root, split["train"])  # the training split is clean
     with pytest.raises(ValueError, match="Synthetic - Valid 000"):
         data.check_split_disjoint(synthetic_root, split["train"] + split["valid"])
     with pytest.raises(ValueError, match="Synthetic - Test 001"):
@@ -363,27 +363,31 @@ def test_bad_pipeline_arguments(synthetic_root, tmp_path):
 # ----------------------------------------------------------------------------- validation
 
 
-def test_validation_segments_are_aligned(synthetic_root, tmp_path):
-    config = _config(synthetic_root)
-    segments = data.make_validation_segments(config, synthetic_root, cache_dir=tmp_path)
+def test_validation_windows_are_drawn_from_active_vocals(synthetic_root, tmp_path):
+    config = _config(synthetic_root, validation_windows=7)
+    val = data.make_validation_set(config, synthetic_root, seed=3, cache_dir=tmp_path)
     track = data.list_tracks(synthetic_root, "valid")[0]
     params = activity_lib.params_from_config(config.data)
     index = data.activity_index(synthetic_root, "valid", params, cache_dir=tmp_path)
-    assert [s["start"] for s in segments] == index["vocals"][track.name]
-    assert len(segments) > 0
+    assert len(val) == 7 and val.length == params.window
+    assert set(val.windows[:, 1]) <= set(index["vocals"][track.name])  # vocal-active only
+    assert list(val.windows[:, 1]) == sorted(val.windows[:, 1])
+    # The draw is a function of the seed: the same windows at every validation of a run.
+    again = data.make_validation_set(config, synthetic_root, seed=3, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.windows, val.windows)
+    other = data.make_validation_set(config, synthetic_root, seed=4, cache_dir=tmp_path)
+    assert not np.array_equal(other.windows, val.windows)  # another seed, other draws
+    # Mixture = the sum of the four stems at the same samples (mixture.wav is not read).
     stems = {s: _read_all(track.paths[s]) for s in data.STEMS}
-    for seg in segments:
-        a, b = seg["start"], seg["start"] + params.window
-        assert seg["track"] == track.name
-        assert seg["mixture"].shape == seg["vocals"].shape == (2, params.window)
-        np.testing.assert_array_equal(seg["vocals"], stems["vocals"][:, a:b])
-        np.testing.assert_allclose(seg["mixture"], sum(stems[s][:, a:b] for s in data.STEMS),
-                                   atol=1e-6)
-        assert np.sqrt(np.mean(seg["vocals"] ** 2)) > 1e-3
-    few = data.make_validation_segments(config, synthetic_root, max_segments=3,
-                                        cache_dir=tmp_path)
-    assert len(few) == 3
-    assert few[0]["start"] == segments[0]["start"] and few[-1]["start"] == segments[-1]["start"]
+    batch = val.read([0, 6])
+    assert batch["mixture"].shape == batch["vocals"].shape == (2, 2, params.window)
+    for row, i in enumerate([0, 6]):
+        a = int(val.windows[i, 1])
+        b = a + params.window
+        np.testing.assert_array_equal(batch["vocals"][row], stems["vocals"][:, a:b])
+        np.testing.assert_allclose(batch["mixture"][row],
+                                   sum(stems[s][:, a:b] for s in data.STEMS), atol=1e-6)
+        assert np.sqrt(np.mean(batch["vocals"][row] ** 2)) > 1e-3
 
 
 # ----------------------------------------------------------------------------- dataset root
