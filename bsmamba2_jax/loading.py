@@ -4,8 +4,10 @@
     model, params, config = load_model(path)       # then model.apply(params, audio)
 
 `path` may be
-  - a train.py workdir (its newest checkpoint step),
-  - a checkpoint step directory (`WORKDIR/checkpoints/<step>` or `WORKDIR/best/<step>`),
+  - a train.py workdir (by default its step with the best validation uSDR, else its newest step;
+    `select="best_usdr" | "best_loss" | "latest"` names the choice, see
+    `bsmamba2_jax.train.checkpoint.candidate_step_dirs`),
+  - a checkpoint step directory (`WORKDIR/checkpoints/<step>`, `WORKDIR/best_usdr/<step>`, ...),
   - a model file written by `python -m bsmamba2_jax.export` (or `bsmamba2_jax.convert`).
 
 `config` is a plain dict in the model file's layout: {"model": BSMamba2 keyword arguments,
@@ -21,14 +23,16 @@ from typing import Any
 
 # Fields of the model config that say how to run it, not what was trained: callers may override
 # them (e.g. evaluate.py's --config.model.ssd_impl); any other field must come from the checkpoint.
-EXECUTION_FIELDS = ("ssd_impl", "attn_impl", "remat", "dtype")
+EXECUTION_FIELDS = ("ssd_impl", "attn_impl", "remat", "group_tokens", "dtype")
 WEIGHTS = ("ema", "raw")
 
 
-def read_weights(path: str | Path, weights: str | None = "ema") -> tuple[Any, dict]:
+def read_weights(path: str | Path, weights: str | None = "ema", select: str | None = None
+                 ) -> tuple[Any, dict]:
     """(params as float32 NumPy pytree, config dict) from any supported source; see module doc.
 
     weights None: what the source holds by default (a model file's one kind; EMA otherwise).
+    select: which step of a workdir (checkpoint.SELECTIONS); only for workdirs.
     """
     if weights is not None and weights not in WEIGHTS:
         raise ValueError(f"Unknown weights {weights!r}; choose one of {WEIGHTS}")
@@ -47,7 +51,7 @@ def read_weights(path: str | Path, weights: str | None = "ema") -> tuple[Any, di
         from bsmamba2_jax.train import checkpoint
 
         weights = weights or "ema"
-        params, run_config, step = checkpoint.load_params(path, weights)
+        params, run_config, step = checkpoint.load_params(path, weights, select)
         config = {**export.model_config_dict(run_config), "step": step}
     else:
         raise FileNotFoundError(
@@ -76,13 +80,14 @@ def build_model(model_config: dict, overrides: dict | None = None) -> Any:
     return BSMamba2(**kwargs)
 
 
-def load_model(path: str | Path, *, weights: str | None = "ema",
-               overrides: dict | None = None) -> tuple[Any, Any, dict]:
+def load_model(path: str | Path, *, weights: str | None = "ema", overrides: dict | None = None,
+               select: str | None = None) -> tuple[Any, Any, dict]:
     """(model, params, config) from a workdir, a step directory or a model file.
 
     weights: "ema" (the exponential moving average of training), "raw" (the optimizer's weights)
       or None (the source's default: a model file's one kind, EMA otherwise).
     overrides: execution fields of the model config (EXECUTION_FIELDS) to change.
+    select: which step of a workdir: "best_usdr" (default), "best_loss" or "latest".
     """
-    params, config = read_weights(path, weights)
+    params, config = read_weights(path, weights, select)
     return build_model(config["model"], overrides), params, config
