@@ -1,10 +1,15 @@
-"""Trains BSMamba2 (vocals) with the paper's recipe (docs/DESIGN.md#loss-and-recipe).
+"""Trains BSMamba2 (vocals) with the authors' recipe and schedule (docs/DESIGN.md#loss-and-recipe).
 
     python train.py --config=configs/bsmamba2.py --workdir=workdir/paper
     python train.py --config=configs/bsmamba2.py:demo --workdir=workdir/demo \
         --config.total_steps=100
+    python train.py --config=configs/bsmamba2.py --workdir=workdir/finetune \
+        --config.init_from=sota_model.ckpt        # start from trained weights, fresh optimizer
 
-Resumes from the newest checkpoint in --workdir. SIGTERM/SIGINT save a checkpoint and exit 0.
+A workdir holding a run resumes it from its newest readable checkpoint; its config may change
+only in resumable fields (bsmamba2_jax/train/config_check.py: RESUMABLE), any other change is an
+error that names the fields. --restart moves the old run aside into WORKDIR/previous_runs/ and
+starts over (nothing is deleted). SIGTERM/SIGINT save a checkpoint and exit 0.
 Multi-process (one process per host or per GPU): pass --coordinator_address, --num_processes and
 --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); under SLURM
 (`srun`, more than one task) JAX detects them itself. Every process runs this same command.
@@ -12,15 +17,14 @@ Multi-process (one process per host or per GPU): pass --coordinator_address, --n
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging as std_logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -28,26 +32,33 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from bsmamba2_jax import data as data_lib
-from bsmamba2_jax.losses import separation_loss
-from bsmamba2_jax.model import BSMamba2
 from bsmamba2_jax.train import checkpoint as ckpt_lib
+from bsmamba2_jax.train import config_check
 from bsmamba2_jax.train import sharding as shard_lib
-from bsmamba2_jax.train.optim import make_optimizer
-from bsmamba2_jax.train.state import init_train_state
-from bsmamba2_jax.train.step import make_eval_step, make_train_step
+from bsmamba2_jax.train import workdir as workdir_lib
+from bsmamba2_jax.train.build import ShardedParts, TrainParts, build, shard
+from bsmamba2_jax.train.state import TrainState
 from bsmamba2_jax.train.validate import validate
 from bsmamba2_jax.train.writers import MetricWriter, Progress
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/bsmamba2.py:demo",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, logs, metrics and the synthetic data go here")
-flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                    "host:port of process 0, for multi-process runs")
-flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-                     "Processes in a multi-process run")
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
-                     "This process's index in a multi-process run")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so tests can import this module
+    next to other entry points without their flags colliding)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/bsmamba2.py:demo",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None,
+                        "Checkpoints, logs, metrics and the synthetic data go here")
+    flags.DEFINE_bool("restart", False, "If --workdir holds a run, move it into "
+                      "WORKDIR/previous_runs/<time>/ and start a new one (nothing is deleted)")
+    flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        "host:port of process 0, for multi-process runs")
+    flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                         "Processes in a multi-process run")
+    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                         "This process's index in a multi-process run")
 
 
 def maybe_initialize_distributed() -> None:
@@ -77,10 +88,17 @@ class StopRequest:
         logging.warning("Received signal %d: saving a checkpoint, then exiting", signum)
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True once any process was signalled (every process must stop at the same step)."""
+    def agreed(self, boundary: bool) -> bool:
+        """True once this process (single-process run) or any process was signalled.
+
+        Every process must stop at the same step, so several processes compare their flags, but
+        only on `boundary` steps (log/checkpoint steps): the gather waits for every host, which
+        would otherwise stall each step. A signal is then acted on at the next boundary.
+        """
         if jax.process_count() == 1:
             return self.requested
+        if not boundary:
+            return False
         return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
     def restore(self) -> None:
@@ -88,78 +106,153 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains (or resumes) to config.total_steps; returns the last validation metrics."""
-    workdir = Path(workdir).absolute()
-    if config.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    ckpt_lib.write_config(workdir, config)
-    is_main = jax.process_index() == 0
-    mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    global_batch = config.data.batch_size
-    if global_batch % mesh.size:
-        raise ValueError(f"config.data.batch_size={global_batch} must be a multiple of the "
-                         f"{mesh.size} devices")
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
-    # Data: process 0 writes the synthetic set (if no root is given) while the others wait.
-    if is_main:
+
+def check_launch(config: ml_collections.ConfigDict, workdir: Path, restart: bool
+                 ) -> workdir_lib.LaunchPlan:
+    """Config values and what this launch does with the workdir; writes nothing."""
+    config_check.check_config(config, jax.process_count())
+    return workdir_lib.check_launch(workdir, config, restart)
+
+
+def build_run(config: ml_collections.ConfigDict) -> tuple[TrainParts, ShardedParts]:
+    """The model, optimizer and jitted steps on this run's mesh (errors in the model config
+    surface here, before anything is written)."""
+    mesh = shard_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if config.data.batch_size % mesh.size:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple "
+                         f"of the {mesh.size} devices")
+    parts = build(config)
+    return parts, shard(parts, mesh, config.mesh.fsdp_min_size)
+
+
+def load_init_weights(config: ml_collections.ConfigDict, parts: TrainParts) -> tuple[Any, Any]:
+    """(params, ema_params) as NumPy trees from config.init_from, checked against the model.
+
+    Any source `bsmamba2_jax.loading.read_weights` accepts (a workdir: its best_usdr step, a
+    step directory, a model file, ...). Both raw and EMA weights are used where the source has
+    both; a source with one kind only starts params and EMA from it. Raises ValueError naming
+    the model fields (or the first parameter) that do not fit the config.
+    """
+    from bsmamba2_jax import loading
+
+    path = config.init_from
+    if not Path(path).exists():
+        raise ValueError(f"config.init_from={path!r} does not exist; pass a workdir, a "
+                         "checkpoint step directory or a model file")
+    found, errors = {}, {}
+    for weights in ("raw", "ema"):
+        try:
+            found[weights] = loading.read_weights(path, weights)
+        except (FileNotFoundError, ValueError) as e:
+            errors[weights] = e
+    if not found:
+        raise ValueError(f"config.init_from={path!r}: no weights could be read ({errors['ema']})")
+    params, saved = found.get("raw", found.get("ema"))
+    ema, _ = found.get("ema", found.get("raw"))
+    if len(found) == 1:
+        logging.warning("config.init_from=%s holds only %s weights: params and EMA both start "
+                        "from them", path, next(iter(found)))
+    execution = {f.split(".", 1)[1] for f in config_check.RESUMABLE if f.startswith("model.")}
+    mismatch = {k: (v, config.model[k]) for k, v in saved["model"].items()
+                if k in config.model and k not in execution
+                and (tuple(v) if isinstance(v, list) else v) != config.model[k]}
+    if mismatch:
+        fields = ", ".join(f"model.{k}={a!r} (weights) vs {b!r} (config)"
+                           for k, (a, b) in mismatch.items())
+        raise ValueError(f"config.init_from={path!r} holds weights of another model: {fields}; "
+                         "set those --config.model fields to the weights' values")
+    want = {jax.tree_util.keystr(k): leaf.shape
+            for k, leaf in jax.tree_util.tree_leaves_with_path(parts.abstract_state().params)}
+    for tree in (params, ema):
+        got = {jax.tree_util.keystr(k): np.shape(v)
+               for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+        for name in sorted(want.keys() | got.keys()):
+            if got.get(name) != want.get(name):
+                raise ValueError(f"config.init_from={path!r}: parameter {name} is "
+                                 f"{got.get(name, 'missing')} there, the model has "
+                                 f"{want.get(name, 'no such parameter')}")
+    logging.info("Initialising from %s (step %s): %s", path, saved.get("step"),
+                 " and ".join(f"{w} weights" for w in found))
+    dtypes = parts.abstract_state().params
+    return tuple(jax.tree.map(lambda a, w: np.asarray(a, w.dtype), tree, dtypes)
+                 for tree in (params, ema))
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: Path
+                 ) -> tuple[Any, data_lib.ValidationSet]:
+    """This process's training iterator and the validation windows. Process 0 writes the
+    synthetic set (if no root is given) while the others wait."""
+    if jax.process_index() == 0:
         root = data_lib.prepare_dataset_root(config, workdir)
-    multihost_utils.sync_global_devices("dataset ready")
-    if not is_main:
+    _barrier("dataset ready")
+    if jax.process_index() != 0:
         root = data_lib.prepare_dataset_root(config, workdir)
-    data_lib.assert_no_split_leakage(config, root)
     data_iter = iter(data_lib.make_train_dataset(
         config, root, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), cache_dir=workdir))
-    val_segments = data_lib.make_validation_segments(config, root, cache_dir=workdir)
+    val_set = data_lib.make_validation_set(config, root, seed=config.seed, cache_dir=workdir)
+    return data_iter, val_set
 
-    # State: created directly in its sharded layout, or restored from the newest checkpoint.
-    model = BSMamba2(**config.model)
-    tx = make_optimizer(config)
-    samples = int(round(config.data.segment_seconds * config.data.sample_rate))
-    init_fn = functools.partial(init_train_state, model, tx,
-                                example_audio=jnp.zeros((1, 2, samples), jnp.float32))
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init_fn, rng)
-    state_sharding = shard_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config)
-    state = checkpointer.restore_latest(
-        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                     abstract, state_sharding), data_iter)
-    if state is None:
-        state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+
+def restore_or_init(config: ml_collections.ConfigDict, parts: TrainParts, run: ShardedParts,
+                    checkpointer: ckpt_lib.Checkpointer, data_iter: Any,
+                    init_weights: tuple[Any, Any] | None) -> TrainState:
+    """The newest readable checkpoint; else the init_from weights; else a fresh init."""
+    state = checkpointer.restore_latest(run.abstract_state(parts), data_iter)
+    if state is not None:
+        if config.init_from:
+            logging.info("Resuming: config.init_from=%s is ignored (the run's own checkpoint "
+                         "holds newer weights)", config.init_from)
+        return state
+    if init_weights is not None:
+        return run.from_params(*init_weights)
+    return run.init(jax.random.PRNGKey(config.seed))
+
+
+def run_validation(config, run: ShardedParts, state: TrainState, step: int,
+                   val_set: data_lib.ValidationSet, checkpointer: ckpt_lib.Checkpointer,
+                   writer: MetricWriter) -> dict:
+    """Validates the EMA weights, logs the scores and keeps the step if it ranks among the best."""
+    checkpointer.wait()  # a failed save must stop the run before more work is done
+    metrics = validate(run.eval_step, state.ema_params, val_set, run.mesh,
+                       config.eval_batch_size)
+    entered = checkpointer.save_selected(step, state, metrics)
+    if jax.process_index() == 0:
+        logging.info("step %d validation (EMA): %s%s", step,
+                     {k: round(v, 4) for k, v in metrics.items()},
+                     f"; kept in {', '.join(entered)}" if entered else "")
+    writer.write(step, metrics, prefix="val/")
+    return metrics
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: Path, run: ShardedParts,
+               state: TrainState, data_iter: Any, val_set: data_lib.ValidationSet,
+               checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, dict]:
+    """Steps to config.total_steps (or a stop signal); returns the state and the last
+    validation metrics."""
     step = int(state.step)
-    if is_main:
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        logging.info("%s at step %d: %d params, mesh %s, %d processes",
-                     "Resuming" if step else "Starting", step, n_params, dict(mesh.shape),
-                     jax.process_count())
-
-    data_sharding = shard_lib.batch_sharding(mesh)
-    replicated = shard_lib.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(model, tx, separation_loss, config.ema_decay),
-        in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-        donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(state_sharding.ema_params, data_sharding),
-                        out_shardings=replicated)
-
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-    progress = Progress(step, config.total_steps, global_batch)
+    progress = Progress(step, config.total_steps, config.data.batch_size)
     stop = StopRequest()
     val_metrics: dict = {}
     try:
         while step < config.total_steps:
             local = next(data_iter)
-            batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(local[k]))
+            batch = {k: jax.make_array_from_process_local_data(run.data_sharding,
+                                                               np.asarray(local[k]))
                      for k in ("mixture", "vocals")}
-            state, metrics = train_step(state, batch)
+            state, metrics = run.train_step(state, batch)
             step += 1
             last = step == config.total_steps
-            stopping = stop.agreed()
+            log_now = step % config.log_every == 0
+            ckpt_now = step % config.ckpt_every == 0
+            stopping = stop.agreed(boundary=last or log_now or ckpt_now)
 
-            if step % config.log_every == 0 or last or stopping:
+            if log_now or last or stopping:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if metrics["nonfinite_run"] >= config.max_nonfinite_run:
                     checkpointer.wait()
@@ -168,33 +261,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"loss or gradient (step {step}); lower config.optim.lr, use "
                         "config.model.dtype='float32', or resume from an earlier checkpoint")
                 line, rate = progress.line(step, {k: metrics[k] for k in ("loss", "grad_norm")})
-                if is_main:
+                if jax.process_index() == 0:
                     logging.info(line)
                 writer.write(step, {**metrics, "examples_per_s": rate}, prefix="train/")
-
-            if last or stopping or step % config.ckpt_every == 0:
+            if last or stopping or ckpt_now:
                 checkpointer.save(step, state, data_iter, force=True)
             if not stopping and (last or (config.eval_every and step % config.eval_every == 0)):
-                checkpointer.wait()  # a failed save must stop the run before more work is done
-                val_metrics = validate(eval_step, state.ema_params, val_segments, mesh,
-                                       config.eval_batch_size)
-                if is_main:
-                    logging.info("step %d validation (EMA): %s", step, val_metrics)
-                writer.write(step, val_metrics, prefix="val/")
-                checkpointer.save_best(step, state, val_metrics["usdr"])
+                val_metrics = run_validation(config, run, state, step, val_set, checkpointer,
+                                             writer)
             if stopping:
                 logging.warning("Stopped at step %d on request; checkpoint saved", step)
                 break
     finally:
         stop.restore()
         writer.close()
+    return state, val_metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       restart: bool = False) -> dict:
+    """Trains (or resumes) to config.total_steps; returns the last validation metrics.
+
+    Everything that can fail on bad input (config values, the workdir's run, the model, the
+    init_from weights, the data) is checked before the workdir is written to.
+    """
+    workdir = Path(workdir).absolute()
+    plan = check_launch(config, workdir, restart)
+    parts, run = build_run(config)
+    has_checkpoint = plan.resume and ckpt_lib.step_numbers(workdir / ckpt_lib.CHECKPOINTS)
+    init_weights = (load_init_weights(config, parts)
+                    if config.init_from and not has_checkpoint else None)
+    data_iter, val_set = prepare_data(config, workdir)
+
+    if plan.restart and jax.process_index() == 0:
+        workdir_lib.move_run_aside(workdir)
+    _barrier("launch checked")
+    if config.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+    checkpointer = ckpt_lib.Checkpointer(workdir, config)
+    try:
+        state = restore_or_init(config, parts, run, checkpointer, data_iter, init_weights)
+        step = int(state.step)
+        if jax.process_index() == 0:
+            workdir_lib.record_config(workdir, config, plan, step)
+            workdir_lib.drop_metrics_after(workdir, step)
+            n_params = sum(x.size for x in jax.tree.leaves(state.params))
+            logging.info("%s at step %d: %d params, mesh %s, %d processes",
+                         "Resuming" if step else "Starting", step, n_params,
+                         dict(run.mesh.shape), jax.process_count())
+        _barrier("run recorded")
+        state, val_metrics = train_loop(config, workdir, run, state, data_iter, val_set,
+                                        checkpointer)
+    finally:
         checkpointer.close()  # waits for pending saves and raises if one failed
     if jax.process_count() > 1:  # replicas must agree; compare these lines across processes
         logging.info("process %d params digest %s", jax.process_index(), params_digest(state))
     return val_metrics
 
 
-def params_digest(state) -> str:
+def params_digest(state: TrainState) -> str:
     """SHA-256 of this process's copy of the replicated params (fsdp-split leaves skipped)."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state.params):
@@ -216,9 +341,16 @@ def main(argv):
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     maybe_initialize_distributed()
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+    except (ValueError, ckpt_lib.CheckpointError) as e:
+        # Bad input: one message naming the problem and the fix; the traceback at --verbosity=1.
+        logging.debug("Traceback", exc_info=True)
+        logging.error("%s", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny config: resume equality, half-written checkpoints, SIGTERM.
+"""train.py end to end on the tiny config: SIGKILL then resume is bit-identical, metrics are not
+repeated, damaged and half-written checkpoints, an incompatible resume, SIGTERM.
 
 Every run is a fresh `python train.py` process (as a user runs it); they share one persistent
 compilation cache so only the first run compiles.
@@ -32,7 +33,7 @@ def compile_cache(tmp_path_factory):
 def train_cmd(workdir: Path, root: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--config=configs/bsmamba2.py:tiny",
             f"--workdir={workdir}", f"--config.data.root={root}",
-            "--config.data.segment_seconds=0.25", "--config.data.validation_max_segments=2",
+            "--config.data.segment_seconds=0.25", "--config.data.validation_windows=2",
             f"--config.total_steps={steps}", *extra]
 
 
@@ -41,19 +42,19 @@ def env(cache: Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def train(workdir, root, steps, cache, *extra) -> str:
+def train(workdir, root, steps, cache, *extra, returncode=0) -> str:
     proc = subprocess.run(train_cmd(workdir, root, steps, *extra), cwd=REPO, env=env(cache),
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == returncode, proc.stderr[-4000:]
     return proc.stderr
 
 
 def restore_numpy(step_dir: Path, item: str):
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.metadata(step_dir / item).item_metadata.tree
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ocp.PyTreeCheckpointer().restore(step_dir / item,
-                                                args=ocp.args.PyTreeRestore(restore_args=args))
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(step_dir / item, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def assert_trees_equal(a, b):
@@ -63,24 +64,54 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "jax_cache" not in p.parts}
+
+
+def kill_after_checkpoint(workdir, root, cache, step: int) -> None:
+    """Starts a long run and SIGKILLs it once checkpoint `step` is complete and the run has
+    logged a later step (so metrics of steps after the checkpoint exist)."""
+    proc = subprocess.Popen(train_cmd(workdir, root, 10_000), cwd=REPO, env=env(cache),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    try:
+        for line in proc.stderr:
+            if f"step {step + 1}/10000" in line or time.time() > deadline:
+                break
+        while not (workdir / "checkpoints" / str(step)).is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert (workdir / "checkpoints" / str(step)).is_dir()
+
+
 @pytest.mark.slow
-def test_stop_and_resume_is_bit_identical(tmp_path, synthetic_root, compile_cache):
+def test_kill_and_resume_is_bit_identical(tmp_path, synthetic_root, compile_cache):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     log = train(straight, synthetic_root, 6, compile_cache)
     assert "Starting at step 0" in log
-    train(resumed, synthetic_root, 3, compile_cache)
-    assert (resumed / "checkpoints" / "3").is_dir()
+    kill_after_checkpoint(resumed, synthetic_root, compile_cache, 3)
     log = train(resumed, synthetic_root, 6, compile_cache)
-    assert "Resuming at step 3" in log
+    restored = int(log.split("Resuming at step ")[1].split(":")[0])
+    assert restored in (3, 6)  # 6 only if the killed run got that far before the kill
+    assert (resumed / "config.json").is_file()
+    assert json.loads((resumed / "config.json").read_text())["total_steps"] == 10_000
+    assert json.loads((resumed / f"config.{restored}.json").read_text())["total_steps"] == 6
 
-    # The straight run saved step 3 asynchronously while training went on with donated
-    # buffers: that checkpoint must still equal the one the stopped run wrote at its end.
+    # Step 3 was saved asynchronously while training went on with donated buffers: both
+    # runs must still have written the same state.
     assert_trees_equal(restore_numpy(straight / "checkpoints" / "3", "train_state"),
                        restore_numpy(resumed / "checkpoints" / "3", "train_state"))
     a = restore_numpy(straight / "checkpoints" / "6", "train_state")
     b = restore_numpy(resumed / "checkpoints" / "6", "train_state")
     assert int(a["step"]) == int(b["step"]) == 6
-    assert_trees_equal(a, b)  # params, optimizer state, rng, counters
+    assert_trees_equal(a, b)  # params, optimizer state, counters
     ema_a, config_a = load_ema_params(straight)
     ema_b, _ = load_ema_params(resumed / "checkpoints" / "6")
     assert_trees_equal(ema_a, ema_b)
@@ -89,25 +120,37 @@ def test_stop_and_resume_is_bit_identical(tmp_path, synthetic_root, compile_cach
     it_a = json.loads((straight / "checkpoints/6/data_iter/process_0-of-1.json").read_text())
     it_b = json.loads((resumed / "checkpoints/6/data_iter/process_0-of-1.json").read_text())
     assert it_a == it_b
-    # Logs and metrics were written, with the validation uSDR and the mixture baseline.
-    records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
-    val = [r for r in records if "val/usdr" in r]
-    assert len(val) == 1 and np.isfinite(val[0]["val/usdr"])
+    # Metrics: every step once, the replayed ones not doubled, the same losses as straight.
+    train_a = [(r["step"], r["train/loss"]) for r in records(straight) if "train/loss" in r]
+    train_b = [(r["step"], r["train/loss"]) for r in records(resumed) if "train/loss" in r]
+    assert [s for s, _ in train_b] == [1, 2, 3, 4, 5, 6]
+    assert train_a == train_b
+    val = [r for r in records(straight) if "val/usdr" in r]
+    assert len(val) == 1 and np.isfinite(val[0]["val/usdr"]) and val[0]["val/loss"] > 0
     assert "val/usdr_mixture_baseline" in val[0]
-    assert json.loads((straight / "config.json").read_text())["total_steps"] == 6
-    assert (straight / "best").is_dir()
+    assert (straight / "best_usdr" / "6" / "params").is_dir()
+    assert (straight / "best_loss" / "6" / "ema_params").is_dir()
 
-    # A half-written step (a save cut short) and a step directory with garbage are skipped.
+    # A half-written step (a save cut short) is ignored; a damaged newest step is moved aside,
+    # training resumes before it and writes that step number again.
     ckpts = resumed / "checkpoints"
     (ckpts / "9.orbax-checkpoint-tmp-1234" / "train_state").mkdir(parents=True)
     (ckpts / "9.orbax-checkpoint-tmp-1234" / "train_state" / "junk").write_bytes(b"\0" * 10)
-    (ckpts / "8" / "train_state").mkdir(parents=True)
-    (ckpts / "8" / "train_state" / "_METADATA").write_text("{not json")
+    (ckpts / "6" / "train_state" / "_METADATA").write_text("{not json")
     log = train(resumed, synthetic_root, 7, compile_cache)
-    assert "Skipping unreadable checkpoint step 8" in log
-    assert "Resuming at step 6" in log
+    assert "Checkpoint step 6" in log and "moved it to 6.damaged-1" in log
+    assert "Resuming at step 3" in log
+    assert_trees_equal(restore_numpy(ckpts / "6", "train_state"), a)  # redone, the same
     assert int(restore_numpy(ckpts / "7", "train_state")["step"]) == 7
+    assert (ckpts / "6.damaged-1" / "train_state").is_dir()  # kept
+
+    # An incompatible config: one named error, exit code 2, the workdir untouched.
+    before = snapshot(resumed)
+    log = train(resumed, synthetic_root, 9, compile_cache, "--config.model.dim=64",
+                returncode=2)
+    assert "model.dim: 32 (run) -> 64 (this launch)" in log and "--restart" in log
+    assert "Traceback" not in log
+    assert snapshot(resumed) == before
 
 
 @pytest.mark.slow
