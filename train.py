@@ -153,6 +153,11 @@ def load_init_weights(config: ml_collections.ConfigDict, parts: TrainParts) -> t
         raise ValueError(f"config.init_from={path!r}: no weights could be read ({errors['ema']})")
     params, saved = found.get("raw", found.get("ema"))
     ema, _ = found.get("ema", found.get("raw"))
+    steps = {w: cfg.get("step") for w, (_, cfg) in found.items()}
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"config.init_from={path!r}: the raw and EMA weights come from "
+                         f"different steps {steps} (an unreadable step was skipped for one); "
+                         "pass a step directory")
     if len(found) == 1:
         logging.warning("config.init_from=%s holds only %s weights: params and EMA both start "
                         "from them", path, next(iter(found)))
