@@ -16,7 +16,8 @@ PAPER_PARAMS = 48_098_188  # the paper's 48.1 M
 
 
 @pytest.mark.parametrize("variant", [
-    pytest.param("", marks=pytest.mark.slow), "demo", "tiny"])
+    pytest.param("", marks=pytest.mark.slow), pytest.param("demo", marks=pytest.mark.slow),
+    "tiny"])
 def test_every_variant_builds_inits_and_steps(variant):
     config = bsmamba2.get_config(variant)
     config_check.check_config(config)

@@ -85,7 +85,7 @@ class DropoutScale(nn.Module):
 
 def test_dropout_gets_train_flag_and_a_key_per_step():
     model, seed = DropoutScale(), 1234
-    assert has_train_flag(model) and not has_train_flag(build(tiny_config()).model)
+    assert has_train_flag(model) and has_train_flag(build(tiny_config()).model)
     tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=1)
     l1 = lambda e, t: jnp.mean(jnp.abs(e - t))  # noqa: E731
     step = jax.jit(make_train_step(model, tx, l1, 0.9, seed))
