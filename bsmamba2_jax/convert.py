@@ -1,4 +1,4 @@
-"""The authors' PyTorch BSMamba2 checkpoints -> this project's params and model file.
+"""The authors' PyTorch BSMamba2 and BS-RoFormer checkpoints -> our params and model file.
 
     python -m bsmamba2_jax.convert IN.ckpt OUT.msgpack [--weights raw|ema]
 
@@ -6,6 +6,8 @@
     params, config, info = load_torch_model("sota_model.ckpt", weights="raw")
     model = BSMamba2(**config["model"])
     vocals = model.apply(params, audio)              # audio (batch, 2, samples) at 44.1 kHz
+
+(`bsmamba2_jax.loading.load_model` does the same for any source, these files included.)
 
 Two layouts are read (with `torch_checkpoint`, so PyTorch is not needed and nothing in the file
 runs):
@@ -19,14 +21,15 @@ runs):
 `weights="raw"` loads the state_dict (what the authors' evaluation scores); `weights="ema"` the
 EMA tuple (Lightning layout only).
 
-The model's shape (dim, depth, band widths, mixer sizes, mask-estimator hidden size) is read off
-the tensor shapes; what the tensors cannot tell (hop length, ngroups vs d_state, chunk sizes,
-compute dtype) comes from `model_config` when given, else from the paper's values. Every tensor
-is used exactly once and every parameter leaf of `BSMamba2` filled exactly once, or a
-`ConversionError` names the first key that does not fit.
-
-The mixer-specific part of the mapping is one `Architecture` entry (`ARCHITECTURES`, keyed by the
-authors' `module_type`); another sequence model adds its own entry beside "mamba2".
+Two of the authors' `module_type`s are read, each one `Architecture` entry (`ARCHITECTURES`):
+"mamba2" (BSMamba2) and "transformer" (BS-RoFormer, `mixer="transformer"` here). The model's
+shape (dim, depth, band widths, mixer sizes, mask-estimator hidden size) is read off the tensor
+shapes; what the tensors cannot tell (hop length, ngroups vs d_state, chunk sizes, dropout rates,
+compute dtype) comes from the checkpoint's recorded hyper-parameters where it has them, else
+from `model_config` when given, else from the paper's values. Every tensor is used exactly once
+(loaded, or checked when it is a fixed value our model computes itself, such as the rotary
+frequencies) and every parameter leaf of `BSMamba2` filled exactly once, or a `ConversionError`
+names the first key that does not fit. docs/DESIGN.md#checkpoints.
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ WEIGHTS = ("raw", "ema")
 SAMPLE_RATE = 44100  # the authors' and MSST's models are 44.1 kHz
 SEGMENT_SECONDS = 8.0  # the paper's inference segment
 DEFAULT_HOP_LENGTH = 441  # the authors' featurizer config and MSST's config_bs_mamba2_vocals
-# Fields the tensors cannot tell; used when no model_config is given (BSMamba2's defaults, and
-# float32 compute so a conversion reproduces the PyTorch float32 output).
-RUN_DEFAULTS = {"hop_length": DEFAULT_HOP_LENGTH, "ngroups": 1, "chunk_size": 256,
-                "band_chunk_size": 64, "ssd_impl": "xla", "dtype": "float32", "remat": False}
+# Fields the tensors cannot tell; used when neither the checkpoint's hyper-parameters nor a
+# model_config give them (float32 compute, so a conversion reproduces the PyTorch float32
+# output). Each architecture adds its own (`Architecture.run_defaults`).
+RUN_DEFAULTS = {"hop_length": DEFAULT_HOP_LENGTH, "dtype": "float32", "remat": False}
+MAMBA2_RUN_DEFAULTS = {"ngroups": 1, "chunk_size": 256, "band_chunk_size": 64, "ssd_impl": "xla"}
 FIELD_ORDER = ("dim", "depth", "band_widths", "n_fft", "hop_length", "expand", "d_state",
                "headdim", "ngroups", "d_conv", "chunk_size", "band_chunk_size", "mask_hidden_mult",
+               "mixer", "heads", "dim_head", "ff_mult", "attn_dropout", "ff_dropout", "attn_impl",
                "ssd_impl", "dtype", "remat")
 LIGHTNING_BUFFERS = ("featurizer.window", "inverse_featurizer.window")
 
@@ -118,16 +123,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
+    return sha256_file(path)
+
+
 def identify_release(path: str | Path) -> tuple[Release | None, str | None, str]:
     """(release or None, sha256 if it was computed, a one-line note).
 
-    Only a file with a known release's size is hashed, so other files cost nothing.
+    Only a file with a known release's size is hashed, so other files cost nothing; a file is
+    hashed once per process while its size and modification time stay (fine-tuning reads the
+    raw and the EMA weights of one file).
     """
-    size = Path(path).stat().st_size
-    same_size = [r for r in RELEASES if r.size == size]
+    stat = Path(path).stat()
+    same_size = [r for r in RELEASES if r.size == stat.st_size]
     if not same_size:
         return None, None, "not a known release (no published file has its size)"
-    digest = sha256_file(path)
+    digest = _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     for r in same_size:
         if r.sha256 == digest:
             return r, digest, f"{r.name}: {r.file_name}, sha256 verified"
@@ -259,18 +272,22 @@ class Architecture:
     """How one authors' `module_type` maps onto our dual-path layers.
 
     infer(shapes, dim, model_config) -> (fields, evidence): BSMamba2 fields read off the shapes
-      of `layers.0.*` (evidence: field -> the torch key it came from).
+      of `layers.*` (evidence: field -> the torch key it came from).
     layer_rules(i, config) -> rules of dual-path layer i (torch keys without the `model.` prefix;
       tensors our model computes itself get check-only rules, `Rule(path=None, check=...)`).
-    is_buffer(key) -> True for state_dict entries that are not in `model.parameters()` (so not
-      in the EMA tuple).
+    outside_parameters(key) -> True for state_dict entries that `model.parameters()` does not
+      yield (buffers, and the later appearances of a module shared between layers), which are
+      therefore not in the EMA tuple.
     """
 
-    name: str  # the authors' module_type
+    name: str  # the authors' module_type; also our `mixer` value
+    title: str  # what we print
     marker: str  # a key of layer 0 that only this architecture has
     infer: Callable[[Mapping[str, tuple], int, Mapping], tuple[dict, dict]]
     layer_rules: Callable[[int, Mapping], list[Rule]]
-    is_buffer: Callable[[str], bool] = lambda key: False
+    outside_parameters: Callable[[str], bool] = lambda key: False
+    run_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hparams: tuple[str, ...] = ()  # fields read from the authors' model config when recorded
 
 
 def _mamba2_infer(shapes: Mapping[str, tuple], dim: int,
@@ -297,7 +314,7 @@ def _mamba2_infer(shapes: Mapping[str, tuple], dim: int,
         if not ok:
             raise ConversionError(msg)
     gn = (conv_dim - e) // 2  # ngroups * d_state: the tensors cannot tell them apart
-    ngroups = int(model_config.get("ngroups", RUN_DEFAULTS["ngroups"]))
+    ngroups = int(model_config.get("ngroups", MAMBA2_RUN_DEFAULTS["ngroups"]))
     if gn % ngroups:
         raise ConversionError(f"{p}conv1d.weight {conv}: ngroups x d_state = {gn} is not a "
                               f"multiple of the config's ngroups={ngroups}")
@@ -346,9 +363,117 @@ def _mamba2_layer_rules(i: int, c: Mapping) -> list[Rule]:
     return rules
 
 
+# --- BS-RoFormer (module_type "transformer") ------------------------------------------------------
+
+# One pass of the authors' BSModel(module_type="transformer") is `Transformer(depth=1)`:
+# `layers.L.j.layers.0.0` its Attention, `layers.L.j.layers.0.1` its FeedForward (j = 0: time,
+# j = 1: bands); bandsplitmodel.yaml sets time_module_depth = freq_module_depth = 1.
+_INNER_DEPTH = re.compile(r"layers\.(\d+)\.([01])\.layers\.([1-9]\d*)\.")
+_ROTARY = re.compile(r"layers\.([1-9]\d*)\.[01]\.layers\.0\.0\.rotary_embed\.freqs")
+
+
+def _transformer_infer(shapes: Mapping[str, tuple], dim: int,
+                       model_config: Mapping) -> tuple[dict, dict]:
+    deeper = next((k for k in shapes if _INNER_DEPTH.match(k)), None)
+    if deeper is not None:
+        m = _INNER_DEPTH.match(deeper)
+        raise ConversionError(
+            f"{deeper}: the {('time', 'band')[int(m.group(2))]} transformer of layer "
+            f"{m.group(1)} has more than one attention + feed-forward layer "
+            "(time_module_depth / freq_module_depth > 1); BS-RoFormer here has one per pass, as "
+            "the authors' bandsplitmodel.yaml")
+    p = "layers.0.0.layers.0."
+    for k in ("0.to_qkv.weight", "0.to_gates.weight", "1.net.1.weight"):
+        if p + k not in shapes:
+            raise ConversionError(f"missing key {p + k}: not the authors' transformer layer "
+                                  "layout")
+    qkv, gates, hidden = (shapes[p + k] for k in ("0.to_qkv.weight", "0.to_gates.weight",
+                                                  "1.net.1.weight"))
+    heads = gates[0]
+    if heads < 1 or qkv[0] % (3 * heads):
+        raise ConversionError(f"{p}0.to_qkv.weight {qkv}: {qkv[0]} rows are not 3 x heads "
+                              f"({heads}, from {p}0.to_gates.weight) x dim_head")
+    if (qkv[0] // (3 * heads)) % 2:
+        raise ConversionError(f"{p}0.to_qkv.weight {qkv}: dim_head {qkv[0] // (3 * heads)} is "
+                              "odd; rotary embeddings rotate feature pairs")
+    if hidden[0] % dim:
+        raise ConversionError(f"{p}1.net.1.weight {hidden}: feed-forward size {hidden[0]} is "
+                              f"not a multiple of dim {dim}")
+    fields = {"mixer": "transformer", "heads": heads, "dim_head": qkv[0] // (3 * heads),
+              "ff_mult": hidden[0] // dim}
+    evidence = {"mixer": p + "0.to_qkv.weight", "heads": p + "0.to_gates.weight",
+                "dim_head": p + "0.to_qkv.weight", "ff_mult": p + "1.net.1.weight"}
+    return fields, evidence
+
+
+def _rotary_check(key: str, dim_head: int) -> Callable[[np.ndarray], None]:
+    """Check of a `rotary_embed.freqs` tensor: rotary-embedding-torch's default frequencies.
+
+    rtol 1e-6: PyTorch's float32 pow differs from our float64-then-rounded values by an ulp.
+    """
+    from bsmamba2_jax.roformer import rotary_frequencies
+
+    want = rotary_frequencies(dim_head)
+
+    def check(a: np.ndarray) -> None:
+        if a.shape != want.shape or not np.allclose(a, want, rtol=1e-6, atol=0.0):
+            diff = (float(np.max(np.abs(a / want - 1.0))) if a.shape == want.shape
+                    else f"shape {a.shape}")
+            raise ConversionError(
+                f"{key} is not 10000^(-2i/{dim_head}), rotary-embedding-torch's default "
+                f"frequencies (max relative difference {diff}); this model computes those "
+                "and cannot take other rotary settings (theta, freqs_for, learned_freq)")
+    return check
+
+
+def _transformer_direction(src: str, dst: tuple[str, ...], c: Mapping) -> list[Rule]:
+    """One pass (time or bands): attention `src`0.*, feed-forward `src`1.*."""
+    d, h, e = c["dim"], c["heads"], c["dim_head"]
+    hidden = c["ff_mult"] * d
+    a, f = src + "0.", src + "1.net."
+    at, ff = dst + ("attn",), dst + ("ff",)
+    return [
+        Rule(None, (a + "rotary_embed.freqs",), (e // 2,),
+             check=_rotary_check(a + "rotary_embed.freqs", e)),
+        Rule(at + ("norm", "gamma"), (a + "norm.gamma",), (d,)),
+        # Rows ordered (qkv, head, feature), as our to_qkv kernel's columns.
+        Rule(at + ("to_qkv", "kernel"), (a + "to_qkv.weight",), (3 * h * e, d), linear_t),
+        Rule(at + ("to_gates", "kernel"), (a + "to_gates.weight",), (h, d), linear_t),
+        Rule(at + ("to_gates", "bias"), (a + "to_gates.bias",), (h,)),
+        Rule(at + ("to_out", "kernel"), (a + "to_out.0.weight",), (d, h * e), linear_t),
+        # FeedForward.net = Sequential(RMSNorm, Linear, GELU, Dropout, Linear, Dropout).
+        Rule(ff + ("norm", "gamma"), (f + "0.gamma",), (d,)),
+        Rule(ff + ("hidden", "kernel"), (f + "1.weight",), (hidden, d), linear_t),
+        Rule(ff + ("hidden", "bias"), (f + "1.bias",), (hidden,)),
+        Rule(ff + ("out", "kernel"), (f + "4.weight",), (d, hidden), linear_t),
+        Rule(ff + ("out", "bias"), (f + "4.bias",), (d,)),
+    ]
+
+
+def _transformer_layer_rules(i: int, c: Mapping) -> list[Rule]:
+    rules = []
+    for j, axis in enumerate(("time", "band")):
+        rules += _transformer_direction(f"layers.{i}.{j}.layers.0.", (f"layer{i}", axis), c)
+    return rules
+
+
+def _shared_rotary(key: str) -> bool:
+    # BSModel builds one RotaryEmbedding for all time transformers and one for all band ones:
+    # its `freqs` (a Parameter with requires_grad=False) is in every layer's state_dict but
+    # yielded once by model.parameters(), at layer 0, so only there in the EMA tuple.
+    return _ROTARY.fullmatch(key) is not None
+
+
 ARCHITECTURES = {
-    "mamba2": Architecture("mamba2", "layers.0.0.forward_blocks.0.mixer.dt_bias",
-                           _mamba2_infer, _mamba2_layer_rules),
+    "mamba2": Architecture("mamba2", "BSMamba2", "layers.0.0.forward_blocks.0.mixer.dt_bias",
+                           _mamba2_infer, _mamba2_layer_rules,
+                           run_defaults=MAMBA2_RUN_DEFAULTS),
+    "transformer": Architecture(
+        "transformer", "BS-RoFormer", "layers.0.0.layers.0.0.to_qkv.weight",
+        _transformer_infer, _transformer_layer_rules, outside_parameters=_shared_rotary,
+        # Not in the weights: the authors' bandsplitmodel.yaml values (training only).
+        run_defaults={"attn_dropout": 0.1, "ff_dropout": 0.1, "attn_impl": "xla"},
+        hparams=("attn_dropout", "ff_dropout")),
 }
 
 
@@ -458,10 +583,22 @@ def infer_model_config(shapes: Mapping[str, tuple],
     return fields, arch.name, evidence
 
 
-def resolve_config(inferred: Mapping, evidence: Mapping, model_config: Mapping | None) -> dict:
-    """The BSMamba2 kwargs: inferred fields, checked against model_config, plus run fields."""
-    config = dict(RUN_DEFAULTS)
+def resolve_config(inferred: Mapping, evidence: Mapping, model_config: Mapping | None,
+                   architecture: str = "mamba2", recorded: Mapping | None = None) -> dict:
+    """The BSMamba2 kwargs: inferred fields, checked against model_config, plus run fields.
+
+    Lowest to highest precedence: RUN_DEFAULTS, the architecture's run_defaults, `recorded`
+    (training-only fields the checkpoint's hyper-parameters hold, e.g. dropout rates),
+    model_config, and the inferred fields, which model_config must agree with.
+    """
+    arch = ARCHITECTURES[architecture]
+    config = {**RUN_DEFAULTS, **arch.run_defaults, **(recorded or {})}
     if model_config:
+        given = model_config.get("mixer", "mamba2")  # BSMamba2's default
+        if given != arch.name:
+            raise ConversionError(
+                f"mixer: the checkpoint is a {arch.title} model (module_type {arch.name!r}, "
+                f"from {arch.marker}), the model config says mixer={given!r}")
         for field, value in inferred.items():
             if field in model_config and _norm(model_config[field]) != _norm(value):
                 raise ConversionError(
@@ -520,7 +657,8 @@ def expected_leaves(config: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
     from bsmamba2_jax.model import BSMamba2
 
     # The parameters do not depend on how the scan runs: trace the plain jnp path.
-    return dict(_leaf_shapes(BSMamba2(**{**config, "ssd_impl": "xla", "remat": False})))
+    return dict(_leaf_shapes(BSMamba2(**{**config, "ssd_impl": "xla", "attn_impl": "xla",
+                                         "remat": False})))
 
 
 @functools.lru_cache(maxsize=4)
@@ -595,14 +733,15 @@ def check_window(name: str, tensor: TorchTensor, n_fft: int) -> None:
 
 
 def ema_tensors(weights: TorchWeights, arch: str, path: Path) -> dict[str, TorchTensor]:
-    """The EMA tuple named by the model's parameter names (state_dict order minus buffers)."""
+    """The EMA tuple named by the model's parameter names: state_dict order, without the entries
+    model.parameters() does not yield (`Architecture.outside_parameters`)."""
     if weights.ema is None:
         what = ("a bare state_dict" if weights.layout == "state_dict" else
                 "a Lightning checkpoint whose optimizer_states[0] has no 'ema' entry")
         raise ConversionError(f"{path} has no EMA weights ({what}); use weights='raw' "
                               "(--weights raw)")
-    is_buffer = ARCHITECTURES[arch].is_buffer
-    names = [k for k in weights.tensors if not is_buffer(k)]
+    outside = ARCHITECTURES[arch].outside_parameters
+    names = [k for k in weights.tensors if not outside(k)]
     ema = weights.ema
     if not isinstance(ema, (list, tuple)) or len(ema) != len(names):
         n = len(ema) if isinstance(ema, (list, tuple)) else type(ema).__name__
@@ -620,20 +759,22 @@ def ema_tensors(weights: TorchWeights, arch: str, path: Path) -> dict[str, Torch
 
 def load_torch_model(path: str | Path, weights: str = "raw", model_config: Any = None,
                      identify: bool = True) -> tuple[dict, dict, dict]:
-    """Reads an authors'-layout BSMamba2 checkpoint into this project's params.
+    """Reads an authors'-layout BSMamba2 or BS-RoFormer checkpoint into this project's params.
 
     Args:
-      path: a torch.save file: the authors' Lightning checkpoint or a bare state_dict.
+      path: a torch.save file: the authors' Lightning checkpoint or a bare state_dict, of their
+        BSModel with module_type "mamba2" or "transformer".
       weights: "raw" (the state_dict) or "ema" (optimizer_states[0]["ema"], Lightning only).
       model_config: BSMamba2 fields (dict or ConfigDict, or a run config with a "model"
         section) to check the checkpoint against; its non-shape fields (hop_length, ngroups,
-        chunk sizes, ssd_impl, dtype, remat) are used. None: read everything off the tensors.
+        chunk sizes, dropout rates, ssd_impl, attn_impl, dtype, remat) are used. None: read
+        everything off the tensors and the checkpoint's recorded hyper-parameters.
       identify: recognise the known releases (size, then a streamed sha256).
     Returns:
       (params, config, info): params {"params": ...} of float32 np.ndarray for
       `BSMamba2(**config["model"]).apply`; config the model-file dict {"model": {...},
       "sample_rate": 44100, "segment_seconds": 8.0}; info what was loaded (release, layout,
-      weights, epoch, global_step, ...; `describe(info)` prints it).
+      weights, architecture, epoch, global_step, ...; `describe(info)` prints it).
     Raises:
       ConversionError, TorchCheckpointError (both ValueError), FileNotFoundError.
     """
@@ -650,15 +791,18 @@ def load_torch_model(path: str | Path, weights: str = "raw", model_config: Any =
         except ConversionError as e:
             raise ConversionError(f"{path}: {e}") from None
         hparams = tw.meta.get("hyper_parameters") or {}
-        module_type = _dig(hparams, ("cfg", "model", "module_type"))
+        module_type = _hparam(hparams, ("model", "module_type"))
         if module_type is not None and module_type != arch:
             raise ConversionError(f"{path}: hyper_parameters say module_type={module_type!r} but "
                                   f"the tensors are a {arch!r} model")
-        hop = _dig(hparams, ("cfg", "featurizer", "direct_transform", "hop_length"))
+        hop = _hparam(hparams, ("featurizer", "direct_transform", "hop_length"))
         if isinstance(hop, int):  # not in the weights, but the authors' config records it
             inferred["hop_length"] = hop
-            evidence["hop_length"] = "hyper_parameters cfg.featurizer.direct_transform"
-        config = resolve_config(inferred, evidence, given)
+            evidence["hop_length"] = "hyper_parameters featurizer.direct_transform"
+        recorded = {f: v for f in ARCHITECTURES[arch].hparams
+                    if isinstance(v := _hparam(hparams, ("model", f)), (int, float))
+                    and not isinstance(v, bool)}
+        config = resolve_config(inferred, evidence, given, arch, recorded)
         rules = conversion_rules(config, arch)
         try:
             check_tensors(rules, shapes, config)
@@ -671,7 +815,14 @@ def load_torch_model(path: str | Path, weights: str = "raw", model_config: Any =
         if tw.buffers:
             raise ConversionError(f"{path}: state_dict entries outside 'model.' that this "
                                   f"converter does not know: {_some(tw.buffers)}")
-        source = tw.tensors if weights == "raw" else ema_tensors(tw, arch, path)
+        if weights == "raw":
+            source = tw.tensors
+        else:
+            # Fixed tensors outside the EMA tuple (a shared module's later appearances) are
+            # only checked: their state_dict copies serve.
+            ema = ema_tensors(tw, arch, path)
+            fixed = {k for r in rules if r.path is None for k in r.keys if k not in ema}
+            source = {**{k: tw.tensors[k] for k in fixed}, **ema}
         params = build_params(rules, source)
     info = {
         "file": path.name, "size": path.stat().st_size, "sha256": digest,
@@ -699,13 +850,28 @@ def _dig(tree: Any, keys: tuple[str, ...]) -> Any:
     return tree
 
 
+def _hparam(hparams: Any, keys: tuple[str, ...]) -> Any:
+    """A field of the authors' Hydra config as the checkpoint records it, or None.
+
+    The authors' PLModel passes its whole config to `save_hyperparameters`, which Lightning
+    records as that config (keys model, featurizer, ...); the project's fixture nests it under
+    "cfg". Both are tried.
+    """
+    for prefix in ((), ("cfg",)):
+        value = _dig(hparams, prefix + keys)
+        if value is not None:
+            return value
+    return None
+
+
 def describe(info: Mapping) -> str:
     """What `load_torch_model` loaded, in a few lines for users."""
     lines = [f"{info['file']} ({info['size']:,} bytes): {info['release_note']}"]
     for r in RELEASES:
         if r.name == info.get("release"):
             lines.append(f"published scores: {r.scores}; licence: {r.licence}")
-    where = [f"{info['layout']} layout", f"{info['weights']} weights",
+    title = ARCHITECTURES[info["architecture"]].title if "architecture" in info else "model"
+    where = [f"{title}, {info['layout']} layout", f"{info['weights']} weights",
              f"{info['params']:,} parameters"]
     for k in ("epoch", "global_step", "ema_step", "ema_decay"):
         if k in info:
@@ -719,8 +885,9 @@ def describe(info: Mapping) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bsmamba2_jax.convert",
-        description="Convert the authors' PyTorch BSMamba2 checkpoint (Lightning .ckpt or bare "
-                    "state_dict) to this project's model file. Nothing in the file is executed.")
+        description="Convert the authors' PyTorch BSMamba2 or BS-RoFormer checkpoint (Lightning "
+                    ".ckpt or bare state_dict) to this project's model file. Nothing in the file "
+                    "is executed.")
     parser.add_argument("checkpoint", help="IN.ckpt, e.g. sota_model.ckpt or "
                                            "bs_mamba2_vocals.ckpt")
     parser.add_argument("out", help="OUT.msgpack, the model file to write")

@@ -1,4 +1,5 @@
-"""The authors' checkpoints on our model: expected outputs, strict mapping, registry, command."""
+"""The authors' checkpoints on our model: expected outputs, strict mapping (BSMamba2 and
+BS-RoFormer), registry, command."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FIXTURES = Path(__file__).parent.parent / "data" / "authors_ckpt"
 AUTHORS = FIXTURES / "authors_tiny.ckpt"
 MSST = FIXTURES / "msst_tiny.ckpt"
 FIXTURE_PARAMS = 744_212  # fixture.json
+ROFORMER = FIXTURES.parent / "authors_roformer" / "roformer.ckpt"
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +272,146 @@ def test_command_reports_bad_input(tmp_path, capsys):
     out = tmp_path / "x.msgpack"
     assert convert.main([str(FIXTURES / "input.npy"), str(out)]) == 1
     assert "not a PyTorch checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+# ----------------------------------------------------------------------------- BS-RoFormer
+
+
+def test_roformer_inferred_config():
+    from configs.bsroformer import get_config as roformer_config
+
+    _, config, info = convert.load_torch_model(ROFORMER)
+    m = config["model"]
+    assert (m["mixer"], m["dim"], m["depth"], m["heads"], m["dim_head"], m["ff_mult"]) == (
+        "transformer", 32, 2, 2, 16, 4)
+    assert m["band_widths"] == PAPER_BAND_WIDTHS and m["mask_hidden_mult"] == 4
+    assert (m["attn_dropout"], m["ff_dropout"]) == (0.1, 0.1)  # bandsplitmodel.yaml's
+    assert set(m) == set(roformer_config("tiny").model)  # no Mamba2 fields
+    assert (info["architecture"], info["layout"], info["global_step"]) == (
+        "transformer", "lightning", 400)
+    assert "BS-RoFormer, lightning layout, raw weights" in convert.describe(info)
+
+
+def _roformer_sd(edit=None) -> collections.OrderedDict:
+    """roformer.ckpt's model state_dict (no prefix), materialised, after `edit(dict)`."""
+    with tc.read_checkpoint(ROFORMER) as ckpt:
+        sd = collections.OrderedDict((k.removeprefix("model."), Tensor(v.numpy()))
+                                     for k, v in ckpt.root["state_dict"].items())
+    if edit:
+        edit(sd)
+    return sd
+
+
+FREQS = "layers.{}.{}.layers.0.0.rotary_embed.freqs"
+
+
+def test_rotary_frequencies_are_checked_not_loaded(tmp_path):
+    params, _, _ = convert.load_torch_model(ROFORMER)
+    assert "freqs" not in str(jax.tree_util.tree_structure(params))
+
+    def scaled(factor):
+        def edit(sd):
+            sd[FREQS.format(1, 1)] = Tensor(sd[FREQS.format(1, 1)].data * np.float32(factor))
+        return edit
+    # PyTorch's float32 pow may differ from ours by an ulp: accepted.
+    path = write_torch_zip(tmp_path / "ulp.ckpt", _roformer_sd(scaled(1 + 2 ** -23)))
+    convert.load_torch_model(path)
+    path = write_torch_zip(tmp_path / "theta.ckpt", _roformer_sd(scaled(1.001)))
+    with pytest.raises(convert.ConversionError,
+                       match=r"layers\.1\.1\.layers\.0\.0\.rotary_embed\.freqs is not "
+                             r"10000\^\(-2i/16\).*max relative difference 0\.00"):
+        convert.load_torch_model(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("inner_depth", r"layers\.1\.1\.layers\.1\.0\.norm\.gamma: the band transformer of layer 1 "
+                    r"has more than one attention \+ feed-forward layer"),
+    ("missing", r"layers\.0\.1\.layers\.0\.1\.net\.4\.bias is missing"),
+    ("qkv", r"layers\.0\.0\.layers\.0\.0\.to_qkv\.weight \(100, 32\): 100 rows are not 3 x "
+            r"heads \(2, from layers\.0\.0\.layers\.0\.0\.to_gates\.weight\)"),
+    ("odd", r"to_qkv\.weight \(90, 32\): dim_head 15 is odd"),
+])
+def test_roformer_misfit_names_the_key(tmp_path, case, match):
+    rng = _rng(f"test_roformer_misfit_names_the_key/{case}")
+
+    def edit(sd):
+        if case == "inner_depth":
+            sd["layers.1.1.layers.1.0.norm.gamma"] = Tensor(rng.standard_normal(32).astype(
+                np.float32))
+        elif case == "missing":
+            del sd["layers.0.1.layers.0.1.net.4.bias"]
+        elif case in ("qkv", "odd"):
+            sd["layers.0.0.layers.0.0.to_qkv.weight"] = Tensor(
+                rng.standard_normal((100 if case == "qkv" else 90, 32)).astype(np.float32))
+    path = write_torch_zip(tmp_path / f"{case}.ckpt", _roformer_sd(edit))
+    with pytest.raises(convert.ConversionError, match=match):
+        convert.load_torch_model(path)
+
+
+def _roformer_lightning(tmp_path: Path, name: str, ema: list | None = None,
+                        hparams=None, share_rotary: bool = True) -> Path:
+    """roformer.ckpt's weights in the authors' Lightning layout with an EMA tuple.
+
+    share_rotary: later layers' rotary freqs share layer 0's storage, as when the authors'
+    model (one RotaryEmbedding per axis for all layers) is saved.
+    """
+    sd = _roformer_sd()
+    if share_rotary:
+        for i in (1,):
+            for j in (0, 1):
+                sd[FREQS.format(i, j)] = sd[FREQS.format(0, j)]
+    root = {"epoch": 3, "global_step": 400,
+            "state_dict": collections.OrderedDict(("model." + k, v) for k, v in sd.items()),
+            "optimizer_states": [] if ema is None else [
+                {"ema": tuple(ema), "current_step": 400, "decay": 0.999}],
+            "hyper_parameters": hparams}
+    return write_torch_zip(tmp_path / f"{name}.ckpt", root)
+
+
+@pytest.mark.parametrize("share_rotary", [True, False], ids=["shared", "copied"])
+def test_roformer_ema_tuple_in_parameters_order(tmp_path, share_rotary):
+    """The EMA tuple follows model.parameters(): each axis's shared rotary freqs once, at
+    layer 0; the later layers' copies in the state_dict are only checked."""
+    sd = _roformer_sd()
+    names = [k for k in sd if not (k.endswith("rotary_embed.freqs") and k.startswith("layers.1."))]
+    assert len(names) == len(sd) - 2
+    ema = [Tensor(sd[k].data if k.endswith("freqs") else 1.5 * sd[k].data) for k in names]
+    path = _roformer_lightning(tmp_path, "ema", ema, share_rotary=share_rotary)
+    raw, _, _ = convert.load_torch_model(path, "raw")
+    got, config, info = convert.load_torch_model(path, "ema")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 1.5 * b, rtol=1e-6), got, raw)
+    assert info["weights"] == "ema" and config["model"]["mixer"] == "transformer"
+    # Every freqs of the state_dict in the tuple (not parameters() order): named.
+    bad = _roformer_lightning(tmp_path, "bad", [Tensor(sd[k].data) for k in sd])
+    with pytest.raises(convert.ConversionError, match="holds 479 entries, the model has 477"):
+        convert.load_torch_model(bad, "ema")
+
+
+def test_roformer_config_and_hyper_parameters(tmp_path):
+    from configs.bsroformer import get_config as roformer_config
+
+    with pytest.raises(convert.ConversionError,
+                       match=r"mixer: the checkpoint is a BS-RoFormer model .*says mixer='mamba2'"):
+        convert.load_torch_model(ROFORMER, model_config=get_config("tiny").model)
+    with pytest.raises(convert.ConversionError,
+                       match=r"mixer: the checkpoint is a BSMamba2 model .*mixer='transformer'"):
+        convert.load_torch_model(MSST, model_config=roformer_config("tiny").model)
+    with pytest.raises(convert.ConversionError,
+                       match=r"heads: the checkpoint has 2 \(from layers\.0\.0\.layers\.0\.0\."
+                             r"to_gates\.weight\), the model config says 8"):
+        convert.load_torch_model(ROFORMER, model_config={"mixer": "transformer", "heads": 8})
+    fitting = {**roformer_config("tiny").model.to_dict(), "depth": 2, "attn_impl": "cudnn",
+               "band_widths": PAPER_BAND_WIDTHS,
+               "ff_dropout": 0.0}
+    _, config, _ = convert.load_torch_model(ROFORMER, model_config=fitting)
+    assert (config["model"]["attn_impl"], config["model"]["ff_dropout"]) == ("cudnn", 0.0)
+    # The authors' config, as Lightning records it, gives the dropout rates and is checked.
+    path = _roformer_lightning(tmp_path, "hp", hparams={"model": {
+        "module_type": "transformer", "attn_dropout": 0.25, "ff_dropout": 0.0}})
+    model = convert.load_torch_model(path)[1]["model"]
+    assert (model["attn_dropout"], model["ff_dropout"]) == (0.25, 0.0)
+    path = _roformer_lightning(tmp_path, "wrong", hparams={"cfg": {"model": {
+        "module_type": "mamba2"}}})
+    with pytest.raises(convert.ConversionError, match="module_type='mamba2' but the tensors are "
+                                                      "a 'transformer' model"):
+        convert.load_torch_model(path)
