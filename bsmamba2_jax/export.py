@@ -1,6 +1,7 @@
-"""One self-contained model file: EMA weights + model config, readable on any device.
+"""One self-contained model file: weights + model config, readable on any device.
 
-    python -m bsmamba2_jax.export WORKDIR_OR_STEP_DIR OUT.msgpack
+    python -m bsmamba2_jax.export WORKDIR_OR_STEP_DIR OUT.msgpack [--weights ema|raw]
+    python -m bsmamba2_jax.export sota_model.ckpt OUT.msgpack       # the authors' PyTorch file
 
 File format (flax.serialization msgpack of one dict):
     {"format": "bsmamba2-jax-model", "version": 1,
@@ -130,27 +131,43 @@ def load_model(path: str | Path) -> tuple[Any, dict]:
     return blob["params"], config
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """EMA weights of a training checkpoint (workdir or step dir) -> one model file."""
-    from bsmamba2_jax.loading import read_weights
+def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) -> Path:
+    """Weights of a training checkpoint (workdir or step dir) or of the authors' PyTorch
+    checkpoint -> one model file.
 
-    params, config = read_weights(checkpoint, "ema")
-    return save_model(out, params, config, step=config["step"])
+    weights: "ema" or "raw"; None: EMA for a training checkpoint, raw (the published state_dict,
+      as `bsmamba2_jax.convert`) for a PyTorch file.
+    """
+    from bsmamba2_jax.loading import read_weights
+    from bsmamba2_jax.torch_checkpoint import starts_like_torch_checkpoint
+
+    torch_file = Path(checkpoint).is_file() and starts_like_torch_checkpoint(checkpoint)
+    weights = weights or ("raw" if torch_file else "ema")
+    params, config = read_weights(checkpoint, weights)
+    extra = {"step": config["step"], "weights": weights}
+    if "checkpoint" in config:  # what bsmamba2_jax.convert records for a PyTorch file
+        extra["source"] = config["checkpoint"]
+    return save_model(out, params, config, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bsmamba2_jax.export",
-        description="Export the EMA weights of a training checkpoint to one model file.")
-    parser.add_argument("checkpoint", help="train.py workdir (latest step) or a step directory")
+        description="Export the weights of a training checkpoint (or of the authors' PyTorch "
+                    "checkpoint) to one model file.")
+    parser.add_argument("checkpoint", help="train.py workdir (latest step), a step directory or "
+                                           "the authors' .ckpt")
     parser.add_argument("out", help="output model file, e.g. bsmamba2.msgpack")
+    parser.add_argument("--weights", choices=("ema", "raw"), default=None,
+                        help="default: ema for a training checkpoint, raw (the state_dict) for "
+                             "a PyTorch file")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.is_dir():
         parser.error(f"{out} is a folder; give a file name such as {out / 'bsmamba2.msgpack'}")
     try:
-        path = export(args.checkpoint, out)
-    except FileNotFoundError as e:
+        path = export(args.checkpoint, out, args.weights)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

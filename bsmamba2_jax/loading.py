@@ -8,16 +8,25 @@
     `select="best_usdr" | "best_loss" | "latest"` names the choice, see
     `bsmamba2_jax.train.checkpoint.candidate_step_dirs`),
   - a checkpoint step directory (`WORKDIR/checkpoints/<step>`, `WORKDIR/best_usdr/<step>`, ...),
-  - a model file written by `python -m bsmamba2_jax.export` (or `bsmamba2_jax.convert`).
+  - a model file written by `python -m bsmamba2_jax.export` (or `bsmamba2_jax.convert`),
+  - one of the authors' PyTorch checkpoints (BSMamba2 or BS-RoFormer, their Lightning `.ckpt`
+    or a bare state_dict such as Music-Source-Separation-Training's; `bsmamba2_jax.convert`),
+    read without PyTorch. Its "raw" weights are the state_dict (what the authors' evaluation
+    scores), "ema" the Lightning file's EMA tuple; a bare state_dict has raw weights only.
 
 `config` is a plain dict in the model file's layout: {"model": BSMamba2 keyword arguments,
 "sample_rate": Hz, "segment_seconds": training segment length, "step": int or None,
-"weights": "ema" or "raw", "source": str(path)}. The architecture always comes from what was saved
-with the weights; only execution fields (how to run, not what was trained) may be overridden.
+"weights": "ema" or "raw", "source": str(path)}; for a PyTorch checkpoint also "checkpoint" (what
+was read: file, sha256, release, layout, architecture, epoch, global_step; "step" is its
+global_step) and "loaded" (the same in a few lines for users). The architecture always comes from
+what was saved with the weights; only execution fields (how to run, not what was trained) may be
+overridden.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +36,29 @@ EXECUTION_FIELDS = ("ssd_impl", "attn_impl", "remat", "group_tokens", "dtype")
 WEIGHTS = ("ema", "raw")
 
 
-def read_weights(path: str | Path, weights: str | None = "ema", select: str | None = None
-                 ) -> tuple[Any, dict]:
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def read_weights(path: str | Path, weights: str | None = "ema", select: str | None = None, *,
+                 report: Callable[[str], None] | None = _to_stderr) -> tuple[Any, dict]:
     """(params as float32 NumPy pytree, config dict) from any supported source; see module doc.
 
-    weights None: what the source holds by default (a model file's one kind; EMA otherwise).
+    weights None: what the source holds by default (a model file's one kind, the raw
+      state_dict of a PyTorch checkpoint, EMA otherwise).
     select: which step of a workdir (checkpoint.SELECTIONS); only for workdirs.
+    report: called with config["loaded"] when a PyTorch checkpoint was read (which release,
+      checksum, layout, weights, epoch/step); None to stay quiet. Default: print to stderr.
     """
     if weights is not None and weights not in WEIGHTS:
         raise ValueError(f"Unknown weights {weights!r}; choose one of {WEIGHTS}")
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and _is_torch_checkpoint(path):
+        weights = weights or "raw"  # what the authors' evaluation scores
+        params, config = _read_torch(path, weights)
+        if report is not None:
+            report(config["loaded"])
+    elif path.is_file():
         from bsmamba2_jax import export
 
         params, config = export.load_model(path)
@@ -56,10 +77,31 @@ def read_weights(path: str | Path, weights: str | None = "ema", select: str | No
     else:
         raise FileNotFoundError(
             f"No model at {path}: pass a train.py workdir, a checkpoint step directory "
-            "(WORKDIR/checkpoints/<step>) or a model file from `python -m bsmamba2_jax.export`")
+            "(WORKDIR/checkpoints/<step>), a model file from `python -m bsmamba2_jax.export` "
+            "or one of the authors' PyTorch checkpoints")
     config.setdefault("step", None)
     config["weights"] = weights
     config["source"] = str(path)
+    return params, config
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    # A truncated or legacy torch file is routed to the torch reader too, for its named error.
+    from bsmamba2_jax.torch_checkpoint import is_torch_checkpoint, starts_like_torch_checkpoint
+
+    return is_torch_checkpoint(path) or starts_like_torch_checkpoint(path)
+
+
+def _read_torch(path: Path, weights: str) -> tuple[Any, dict]:
+    """The authors' checkpoint as (params, config)."""
+    from bsmamba2_jax import convert
+
+    params, config, info = convert.load_torch_model(path, weights)
+    keep = ("file", "size", "sha256", "release", "layout", "architecture", "epoch",
+            "global_step")
+    config["step"] = info.get("global_step")
+    config["checkpoint"] = {k: info[k] for k in keep if info.get(k) is not None}
+    config["loaded"] = convert.describe(info)
     return params, config
 
 
@@ -81,13 +123,16 @@ def build_model(model_config: dict, overrides: dict | None = None) -> Any:
 
 
 def load_model(path: str | Path, *, weights: str | None = "ema", overrides: dict | None = None,
-               select: str | None = None) -> tuple[Any, Any, dict]:
-    """(model, params, config) from a workdir, a step directory or a model file.
+               select: str | None = None, report: Callable[[str], None] | None = _to_stderr
+               ) -> tuple[Any, Any, dict]:
+    """(model, params, config) from a workdir, a step directory, a model file or the authors'
+    PyTorch checkpoint.
 
     weights: "ema" (the exponential moving average of training), "raw" (the optimizer's weights)
       or None (the source's default: a model file's one kind, EMA otherwise).
     overrides: execution fields of the model config (EXECUTION_FIELDS) to change.
     select: which step of a workdir: "best_usdr" (default), "best_loss" or "latest".
+    report: see `read_weights`.
     """
-    params, config = read_weights(path, weights, select)
+    params, config = read_weights(path, weights, select, report=report)
     return build_model(config["model"], overrides), params, config

@@ -471,3 +471,19 @@ def is_torch_checkpoint(path: str | Path) -> bool:
         return True
     except (OSError, zipfile.BadZipFile, EOFError, TorchCheckpointError):
         return False
+
+
+def starts_like_torch_checkpoint(path: str | Path) -> bool:
+    """True for a file that starts with a zip or a legacy torch.save signature.
+
+    Looser than `is_torch_checkpoint` (a truncated archive passes): for routing a file to this
+    reader, so that a damaged or legacy checkpoint gets its named error. Never raises.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(len(LEGACY_MAGIC))
+            f.seek(257)
+            tar_magic = f.read(5)
+    except OSError:
+        return False
+    return head.startswith((ZIP_MAGIC, LEGACY_MAGIC)) or tar_magic == b"ustar"
