@@ -139,12 +139,9 @@ def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) 
       as `bsmamba2_jax.convert`) for a PyTorch file.
     """
     from bsmamba2_jax.loading import read_weights
-    from bsmamba2_jax.torch_checkpoint import starts_like_torch_checkpoint
 
-    torch_file = Path(checkpoint).is_file() and starts_like_torch_checkpoint(checkpoint)
-    weights = weights or ("raw" if torch_file else "ema")
     params, config = read_weights(checkpoint, weights)
-    extra = {"step": config["step"], "weights": weights}
+    extra = {"step": config["step"], "weights": config["weights"]}
     if "checkpoint" in config:  # what bsmamba2_jax.convert records for a PyTorch file
         extra["source"] = config["checkpoint"]
     return save_model(out, params, config, **extra)

@@ -129,7 +129,7 @@ def load_model(path: str | Path, *, weights: str | None = "ema", overrides: dict
     PyTorch checkpoint.
 
     weights: "ema" (the exponential moving average of training), "raw" (the optimizer's weights)
-      or None (the source's default: a model file's one kind, EMA otherwise).
+      or None (the source's default; see `read_weights`).
     overrides: execution fields of the model config (EXECUTION_FIELDS) to change.
     select: which step of a workdir: "best_usdr" (default), "best_loss" or "latest".
     report: see `read_weights`.

@@ -184,3 +184,18 @@ def test_evaluate_scores_a_pytorch_checkpoint(synthetic_root, tmp_path, capsys):
     assert folder.parent.name == summary["model"]["key"]
     assert json.loads((folder / "summary.json").read_text())["model"]["source"] == str(AUTHORS)
     assert f"| {label} | {AUTHORS} | 1200 | raw |" in capsys.readouterr().out
+
+
+def test_default_weights_of_each_source(tmp_path):
+    """weights=None: the source's own default. A PyTorch checkpoint gives its raw state_dict (what
+    the authors' evaluation scores; a bare state_dict has nothing else), a model file its kind."""
+    for path in (AUTHORS, MSST):
+        _, params, config = loading.load_model(path, weights=None, report=None)
+        assert config["weights"] == "raw"
+    _, raw, _ = loading.load_model(AUTHORS, weights="raw", report=None)
+    jax.tree.map(np.testing.assert_array_equal, params, raw)  # MSST holds AUTHORS' raw weights
+    out = export.save_model(tmp_path / "m.msgpack", raw, loading.read_weights(
+        MSST, "raw", report=None)[1], weights="raw")
+    assert loading.load_model(out, weights=None)[2]["weights"] == "raw"
+    with pytest.raises(ValueError, match="Unknown weights 'best'"):
+        loading.load_model(MSST, weights="best")
