@@ -6,8 +6,9 @@
         [--split=test] [--segment_seconds=8] [--overlap=0] [--shifts=1] [--sweep=1,2,4,8,12,16]
         [--museval] [--write_audio] [--force] [--batch_size=0] [--max_tracks=0]
 
-Each --checkpoint is a train.py workdir (its default step), a checkpoint step directory or a model
-file (`python -m bsmamba2_jax.export`); without one, --workdir itself. --label names it in the
+Each --checkpoint is a train.py workdir (its default step), a checkpoint step directory, a model
+file (`python -m bsmamba2_jax.export`) or the authors' PyTorch checkpoint (sota_model.ckpt, ...;
+`bsmamba2_jax.convert`); without one, --workdir itself. --label names it in the
 tables (default: its folder or file name and step). The weights are the raw ones by default, as the
 paper's numbers were made (the authors' evaluation loads the checkpoint's state_dict); --weights=ema
 scores the moving average. The architecture comes from the checkpoint; --config gives the data
@@ -37,8 +38,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/bsmamba2.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir; results go to WORKDIR/eval/.")
-flags.DEFINE_multi_string("checkpoint", None, "Workdir, checkpoint step dir or exported model "
-                          "file; repeat to compare models (default: --workdir).")
+flags.DEFINE_multi_string("checkpoint", None, "Workdir, checkpoint step dir, exported model "
+                          "file or the authors' PyTorch .ckpt; repeat to compare models "
+                          "(default: --workdir).")
 flags.DEFINE_multi_string("label", None, "Name of each --checkpoint in the tables, in order.")
 flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Raw weights (the paper's) or the EMA ones.")
 flags.DEFINE_enum("dtype", "checkpoint", ["checkpoint", "float32", "float16", "bfloat16"],

@@ -13,7 +13,8 @@ parameters, random weights) with the authors' state_dict names, laid out as the 
 Lightning training writes it (raw state_dict + STFT window buffers, Adam state, EMA tuple,
 ~770 MB) or as a bare state_dict (~193 MB). The third form converts CKPT, runs our model on
 IN.npy in float32 and prints its relative L2 error against REF.npy, the output of
-`benchmarks/torch_reference.py` (a float64 PyTorch forward of the authors' graph) on IN.npy.
+`benchmarks/torch_reference.py` (a float64 PyTorch forward of the authors' graph) on IN.npy, or
+for a BS-RoFormer file of `benchmarks/roformer_reference.py` (the authors' own model code).
 """
 
 from __future__ import annotations
@@ -64,18 +65,17 @@ def measure(path: Path, weights: str) -> dict:
 
 
 def compare(path: Path, weights: str, inp: Path, ref: Path) -> dict:
-    """Our converted model's output on `inp` against the PyTorch reference output `ref`."""
+    """Our model from `path` (through `bsmamba2_jax.loading.load_model`, which prints what it
+    read), float32, on `inp` against the PyTorch reference output `ref`."""
     import jax
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from bsmamba2_jax.convert import describe, load_torch_model
-    from bsmamba2_jax.model import BSMamba2
+    from bsmamba2_jax.loading import load_model
 
-    params, config, info = load_torch_model(path, weights)
-    print(describe(info))
-    ours = np.asarray(jax.jit(BSMamba2(**config["model"]).apply)(params, np.load(inp)))
-    want = np.load(ref)
+    model, params, _ = load_model(path, weights=weights, report=print)
+    ours = np.asarray(jax.jit(model.apply)(params, np.load(inp)), np.float64)
+    want = np.load(ref).astype(np.float64)
     return {"weights": weights, "rel_l2": float(np.linalg.norm(ours - want) /
                                                  np.linalg.norm(want)),
             "max_abs": float(np.abs(ours - want).max()), "ref_rms": float(np.sqrt(
