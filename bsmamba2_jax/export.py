@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from bsmamba2_jax.data.musdb import SAMPLE_RATE
+
 FORMAT = "bsmamba2-jax-model"
 VERSION = 1
 
@@ -64,7 +66,7 @@ def model_config_dict(config: Any) -> dict:
     data = plain.get("data", {}) or {}
     return {
         "model": plain["model"],
-        "sample_rate": int(data.get("sample_rate", 44100)),
+        "sample_rate": int(data.get("sample_rate", SAMPLE_RATE)),
         "segment_seconds": float(data.get("segment_seconds", 8.0)),
     }
 

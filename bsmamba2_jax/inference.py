@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsmamba2_jax.data.musdb import SAMPLE_RATE
+
 
 class SegmentPlan(NamedTuple):
     """How a track of `length` samples is cut: segment starts are i * hop, i < count."""
@@ -344,7 +346,7 @@ def _apply(model: Any, params: Any, audio: jax.Array) -> jax.Array:
 
 def separate_vocals(model: Any, params: Any, audio: Any, segment_seconds: float = 8.0,
                     overlap: float = 0.0, batch_size: int = 4,
-                    sample_rate: int = 44100) -> np.ndarray:
+                    sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Vocals of whole tracks held in memory.
 
     Args:

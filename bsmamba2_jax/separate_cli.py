@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from bsmamba2_jax.data.musdb import SAMPLE_RATE
+
 MODEL_ENV = "BSMAMBA2_MODEL"
 # --format -> (soundfile format, subtype, file extension)
 FORMATS = {"wav": ("WAV", "FLOAT", "wav"), "flac": ("FLAC", "PCM_24", "flac"),
@@ -422,7 +424,7 @@ def load_separator(checkpoint: str | Path, *, weights: str | None = None, dtype:
     if dtype != "auto":
         overrides["dtype"] = dtype
     model, params, config = load_model(checkpoint, weights=weights, overrides=overrides)
-    rate = int(config.get("sample_rate", 44100))
+    rate = int(config.get("sample_rate", SAMPLE_RATE))
     seconds = float(config.get("segment_seconds", 8.0) if segment_seconds is None
                     else segment_seconds)
     if not math.isfinite(seconds) or seconds <= 0:
