@@ -2,6 +2,8 @@
 
     python benchmarks/model.py [speed] [--seconds 8] [--repeats 2] [--dtype float32] [--breakdown]
     python benchmarks/model.py memory [--seconds 1,2,4,8] [--dtype bfloat16] [--json out.json]
+    python benchmarks/model.py compare [--configs configs/bsmamba2.py,configs/bsroformer.py]
+        [--seconds 1,8,16] [--dtype float32] [--memory-only] [--json out.json]
 
 Prints a table: compile time, forward time, real-time factor (seconds of compute per second of
 audio), forward FLOPs (XLA's cost analysis of the compiled forward, and counted from the model's
@@ -19,6 +21,13 @@ memory: XLA's compiled memory analysis of the forward (nothing runs) at each seg
 1, with the config's dtype (bf16) and `group_tokens`: temporaries of the model, of the model
 with the SSD replaced by an elementwise stand-in (so "SSD share" = the difference), and of one
 SSD call alone at the shapes of one group of the time pass and of the band pass.
+
+compare: BSMamba2 against BS-RoFormer (or any configs), measured the same way: batch 1, each
+segment length compiled on its own, the compiled temporaries (XLA's memory analysis) and the best
+forward time, then where the two curves cross. The time pass of BS-RoFormer is attention over all
+frames (quadratic in the segment length), BSMamba2's an SSD scan (linear), so the ratio of the two
+grows with the length. Default dtype: float32 on a CPU (bf16 matmuls are emulated there), the
+config's on a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import bsmamba2_jax.mamba2
 from bsmamba2_jax.audio import num_frames
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config
 from bsmamba2_jax.model import BSMamba2, resolve_dtype, sequence_groups
+from configs import load_config
 from configs.bsmamba2 import get_config
 from kernels.ssd import mamba_chunk_scan
 
@@ -228,7 +238,102 @@ def memory(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Compile time, compiled temporaries and forward time of each config at each length."""
+    gib = 2.0**30
+    on_cpu = jax.default_backend() == "cpu"
+    print(f"# forward, batch 1, stereo, {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"jax {jax.__version__}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    print("| config | mixer | params | segment s | compile s | forward s | s per s of audio "
+          "| temporaries GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for spec in args.configs.split(","):
+        cfg = load_config(spec).model
+        cfg.dtype = args.dtype or ("float32" if on_cpu else cfg.dtype)
+        if args.ssd_impl:
+            cfg.ssd_impl = args.ssd_impl
+        if args.attn_impl:
+            cfg.attn_impl = args.attn_impl
+        model = BSMamba2(**cfg)
+        rng = np.random.default_rng(0)
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2, SR), jnp.float32))
+        n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+        for seconds in [float(x) for x in args.seconds.split(",")]:
+            samples = int(round(seconds * SR))
+            audio = jnp.asarray(0.1 * rng.standard_normal((1, 2, samples)).astype(np.float32))
+            t0 = time.perf_counter()
+            compiled = jax.jit(model.apply).lower(params, audio).compile()
+            row = {"config": spec, "mixer": model.mixer, "params": n_params, "seconds": seconds,
+                   "dtype": str(cfg.dtype), "compile_s": time.perf_counter() - t0,
+                   "temp_gib": compiled.memory_analysis().temp_size_in_bytes / gib,
+                   "forward_s": float("nan"), "forward_cpu_s": float("nan")}
+            if not args.memory_only:
+                jax.block_until_ready(compiled(params, audio))  # allocations, page faults
+                row["forward_s"], row["forward_cpu_s"] = timed(compiled, params, audio,
+                                                               repeats=args.repeats)
+            del compiled
+            rows.append(row)
+            print(f"| {spec} | {row['mixer']} | {n_params:,} | {seconds:g} | "
+                  f"{row['compile_s']:.1f} | {row['forward_s']:.2f} | "
+                  f"{row['forward_s'] / seconds:.3f} | {row['temp_gib']:.2f} |", flush=True)
+    for line in crossings(rows):
+        print(line)
+    return rows
+
+
+def crossings(rows: list[dict]) -> list[str]:
+    """Where the second config's forward time and temporaries overtake the first's: the
+    ratio second / first at each length and the length where it passes 1 (linear between the
+    measured lengths), for exactly two configs measured at the same lengths."""
+    specs = list(dict.fromkeys(r["config"] for r in rows))
+    if len(specs) != 2:
+        return []
+    first = {r["seconds"]: r for r in rows if r["config"] == specs[0]}
+    second = {r["seconds"]: r for r in rows if r["config"] == specs[1]}
+    lengths = sorted(set(first) & set(second))
+    out = [f"\n# {specs[1]} / {specs[0]} at each length"]
+    for key, name in (("forward_s", "forward time"), ("temp_gib", "temporaries")):
+        ratios = [second[s][key] / first[s][key] for s in lengths]
+        if not all(np.isfinite(ratios)):
+            continue
+        out.append(f"{name}: " + ", ".join(f"{s:g} s {r:.2f}x" for s, r in
+                                            zip(lengths, ratios, strict=True)))
+        cross = [s0 + (1 - r0) / (r1 - r0) * (s1 - s0) for s0, s1, r0, r1 in
+                 zip(lengths, lengths[1:], ratios, ratios[1:], strict=False)
+                 if (r0 - 1) * (r1 - 1) < 0]
+        if cross:
+            out.append(f"  {name} curves cross at ~{', '.join(f'{c:.1f}' for c in cross)} s")
+        else:
+            lower = specs[1] if ratios[0] < 1 else specs[0]
+            out.append(f"  no crossing between {lengths[0]:g} and {lengths[-1]:g} s: {lower} "
+                       "is lower at every measured length")
+    return out
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        ap = argparse.ArgumentParser(description="BSMamba2 against BS-RoFormer, same measure")
+        ap.add_argument("mode")
+        ap.add_argument("--configs", default="configs/bsmamba2.py,configs/bsroformer.py",
+                        help="comma list of config files (with an optional :variant)")
+        ap.add_argument("--seconds", default="1,8,16", help="comma list of segment lengths")
+        ap.add_argument("--dtype", default="", help="compute dtype (default: float32 on a "
+                        "CPU, the config's elsewhere)")
+        ap.add_argument("--ssd-impl", default="", help="SSD implementation (default: config's)")
+        ap.add_argument("--attn-impl", default="", help="attention (default: config's)")
+        ap.add_argument("--repeats", type=int, default=2, help="timed forward runs (best kept)")
+        ap.add_argument("--memory-only", action="store_true", help="compile only, no timing")
+        ap.add_argument("--json", default="", help="also write the rows to this JSON file")
+        args = ap.parse_args()
+        rows = compare(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                 "jax": jax.__version__,
+                 "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+                 "rows": rows}, indent=1))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "memory":
         ap = argparse.ArgumentParser(description="Compiled forward memory of the paper config")
         ap.add_argument("mode")

@@ -33,7 +33,6 @@ GPU's buffer assignment; the CPU's is larger (its default scheduler favours conc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -46,21 +45,11 @@ import ml_collections
 import numpy as np
 
 from bsmamba2_jax.train.build import build
+from configs import load_config
 
 MIB = 2.0**20
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of cards this benchmark is run on.
 KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """"path/to/config.py[:variant]" -> that file's get_config(variant)."""
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"--config={spec!r}: {path} is not a Python config file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def configure(config: ml_collections.ConfigDict, *, remat: str | None = None,

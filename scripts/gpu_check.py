@@ -10,14 +10,16 @@ Parts, most valuable first (GPU budget in seconds):
              full precision)                                                            85
   roofline   the card's copy bandwidth and bf16 matmul rate (benchmarks/roofline.py)    15
   ssd        "xla", "pallas" and mamba_ssm's Triton SSD at the BSMamba2 shapes, bf16 then
-             float32, fwd and fwd+bwd (benchmarks/ssd.py, benchmarks/peers.py)          130
+             float32, fwd and fwd+bwd (benchmarks/ssd.py, benchmarks/peers.py)          115
   ssd-table  their table against the ceilings (benchmarks/roofline.py)                  10
   train      the paper config's train step (benchmarks/train_step.py): one real step at
              5 x 8 s (bf16, remat per layer) per impl with its peak memory, the compiled
              memory analysis (8 s, then 1, 2, 4 s), then batch sweeps per (impl, remat)
-             until the budget ends                                                     120
+             until the budget ends                                                     100
   inference  bsmamba2-separate on a 4-minute synthetic track, bf16 and fp32 (wall time,
              real-time factor; scripts/gpu_inference.py)                                 75
+  models     BSMamba2 and BS-RoFormer forward at 1, 8, 16 s: time and compiled
+             temporaries (benchmarks/model.py compare)                                   45
 Each step runs in its own process group and is killed when its part's budget (or the total)
 runs out, so a hang leaves the other parts' results. Everything lands in OUT: a log per part
 (OUT/<part>.log), the JSON of each benchmark, OUT/parts.json (status and seconds per step) and
@@ -64,7 +66,7 @@ class Part:
 
 
 DRY_BUDGET_S = 900.0
-TOTAL_S = 465.0  # under 8 minutes with the install, whatever each part does (parts: 450)
+TOTAL_S = 465.0  # under 8 minutes with the install, whatever each part does (parts: 460)
 
 
 def _env_steps(out: Path, dry: bool) -> list[Step]:
@@ -153,14 +155,25 @@ def _inference_steps(out: Path, dry: bool) -> list[Step]:
     return [Step("separate", cmd + (["--variant", "tiny", "--seconds", "10"] if dry else []))]
 
 
+def _models_steps(out: Path, dry: bool) -> list[Step]:
+    configs = "configs/bsmamba2.py,configs/bsroformer.py"
+    if dry:
+        configs = "configs/bsmamba2.py:tiny,configs/bsroformer.py:tiny"
+    return [Step("bsmamba2 vs bs-roformer", [
+        PY, "benchmarks/model.py", "compare", "--configs", configs,
+        "--seconds", "1,2" if dry else "1,8,16", "--repeats", "1" if dry else "3",
+        "--json", str(out / "models.json")])]
+
+
 PARTS = [
     Part("env", 15, _env_steps, "Versions and device"),
     Part("tests", 85, _test_steps, "Pallas SSD tests on the card"),
     Part("roofline", 15, _roofline_steps, "Ceilings"),
-    Part("ssd", 130, _ssd_steps, "SSD speed"),
+    Part("ssd", 115, _ssd_steps, "SSD speed"),
     Part("ssd-table", 10, _table_steps, "SSD table against the ceilings"),
-    Part("train", 120, _train_steps, "Train step"),
+    Part("train", 100, _train_steps, "Train step"),
     Part("inference", 75, _inference_steps, "Inference"),
+    Part("models", 45, _models_steps, "BSMamba2 against BS-RoFormer, forward"),
 ]
 
 
@@ -321,6 +334,10 @@ def write_summary(out: Path) -> None:
 
     lines += ["", "## Inference", ""]
     rows = _rows_of(_load(out / "inference.json"))
+    lines += markdown_table(rows) if rows else ["not measured"]
+
+    lines += ["", "## BSMamba2 against BS-RoFormer (forward, batch 1)", ""]
+    rows = _rows_of(_load(out / "models.json"))
     lines += markdown_table(rows) if rows else ["not measured"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -9,7 +9,7 @@
 # 2. runs scripts/gpu_check.py's parts, each under its own time budget: the Pallas SSD tests
 #    compiled on the card, the card's ceilings, SSD speed ("xla", "pallas", mamba_ssm's Triton
 #    SSD from the ignored .peer/ folder, see scripts/prepare_peers.sh), the paper config's train
-#    step, and bsmamba2-separate on a 4-minute track.
+#    step, bsmamba2-separate on a 4-minute track, and BSMamba2 vs BS-RoFormer forwards.
 # Everything lands in OUT: a log per part, JSON, OUT/parts.json and OUT/summary.md (the tables).
 # Exit status 0 when every step passed. Knobs: PYTHON (python3), WHEELS.
 set -uo pipefail
