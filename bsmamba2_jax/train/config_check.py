@@ -21,8 +21,8 @@ RESUMABLE = (
     "keep_checkpoints", "keep_best", "async_checkpointing", "max_nonfinite_run",
     "compilation_cache", "tensorboard", "init_from",
     "optim.lr", "optim.clip_norm",
-    "model.ssd_impl", "model.attn_impl", "model.remat", "model.dtype", "model.chunk_size",
-    "model.band_chunk_size",
+    "model.ssd_impl", "model.attn_impl", "model.remat", "model.group_tokens", "model.dtype",
+    "model.chunk_size", "model.band_chunk_size",
     "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size",
     "data.root", "data.num_workers", "data.worker_buffer_batches", "data.read_threads",
     "data.prefetch_batches",
@@ -101,7 +101,8 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
                   "data.activity_chunks", "data.read_threads", "data.prefetch_batches",
                   "data.worker_buffer_batches", "mesh.fsdp", "mesh.fsdp_min_size"):
         _int_at_least(config, field, 1)
-    for field in ("eval_every", "keep_best", "data.num_workers", "data.synthetic_seed"):
+    for field in ("eval_every", "keep_best", "data.num_workers", "data.synthetic_seed",
+                  "model.group_tokens"):
         _int_at_least(config, field, 0)
     if config.mesh.data != -1:
         _int_at_least(config, "mesh.data", 1)
