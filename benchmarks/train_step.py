@@ -13,8 +13,10 @@ The step is the real one (`make_train_step`: loss, backward, clip, AdamW, accumu
 donated state), jitted for one device. Options left out keep the config's value (`--config`
 is a config file with an optional `:variant`, as for train.py).
 
-speed: for each impl and remat mode, batches in increasing order: compile time, step time (best
-of `--steps` timed steps after one untimed), examples/s, model FLOPs per step, MFU and the
+speed: for each impl and remat mode, batches in increasing order: compile time, step time (the
+mean of `--steps` timed steps after one untimed, and the best one: with gradient accumulation
+only one micro-batch in `optim.accum_steps` updates the weights and the EMA, so time a multiple
+of it), examples/s (from the mean), model FLOPs per step, MFU and the
 device's peak memory. A batch that runs out of memory (RESOURCE_EXHAUSTED, at compile or run
 time) ends that sweep; "largest batch that fits" is the last one before it. Model FLOPs are
 XLA's cost analysis of the same step without remat and without sequence groups (recomputation
@@ -126,18 +128,19 @@ def speed_row(config: ml_collections.ConfigDict, seconds: float, batch: int, ste
     mem = compiled.memory_analysis()
     state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
-    best = float("inf")
+    times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, data)
         jax.block_until_ready(metrics)
-        best = min(best, time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    mean, best = float(np.mean(times)), min(times)
     flops = model_flops(config, batch, samples)
     n_dev = 1  # the step is jitted for one device
     return {
-        "compile_s": compile_s, "step_s": best, "examples_per_s": batch / best,
-        "model_flops": flops,
-        "mfu": flops / best / (peak * 1e12 * n_dev) if peak else None,
+        "compile_s": compile_s, "step_s": mean, "best_step_s": best,
+        "examples_per_s": batch / mean, "model_flops": flops,
+        "mfu": flops / mean / (peak * 1e12 * n_dev) if peak else None,
         "temp_mib": mem.temp_size_in_bytes / MIB if mem else None,
         "peak_device_mib": (p / MIB) if (p := device_peak_bytes()) is not None else None,
         "loss": float(metrics["loss"]),
@@ -168,9 +171,9 @@ def speed(args: argparse.Namespace) -> list[dict]:
     dev = jax.devices()[0]
     print(f"# train step, {args.config}, {seconds:g} s segments, backend {dev.platform} "
           f"({dev.device_kind}), peak {peak or '?'} TFLOP/s, jax {jax.__version__}")
-    print("| impl | remat | group tokens | batch | compile s | step s | examples/s | model TFLOP "
-          "| MFU | temp MiB | device peak MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| impl | remat | group tokens | batch | compile s | step s (mean) | best s | examples/s "
+          "| model TFLOP | MFU | temp MiB | device peak MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for impl in args.impls.split(","):
         for remat in args.remat.split(","):
@@ -210,7 +213,8 @@ def format_speed(r: dict) -> str:
     if r.get("error"):
         return head + " error: " + r["error"].strip().splitlines()[-1][:100] + " |"
     fmt = lambda v, f: "-" if v is None or v != v else format(v, f)  # noqa: E731
-    return (head + f" {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['examples_per_s']:.2f} | "
+    return (head + f" {r['compile_s']:.1f} | {r['step_s']:.3f} | "
+            f"{fmt(r.get('best_step_s'), '.3f')} | {r['examples_per_s']:.2f} | "
             f"{fmt(r['model_flops'] / 1e12, '.2f')} | {fmt(r['mfu'], '.1%')} | "
             f"{fmt(r['temp_mib'], ',.0f')} | {fmt(r['peak_device_mib'], ',.0f')} |")
 
