@@ -139,7 +139,7 @@ def run(shapes, dtypes: list[str], modes: list[str], repeats: int, scan: Callabl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="bsmamba2", help="benchmarks/ssd.py shape sets")
-    parser.add_argument("--batch", type=int, default=None, help="as benchmarks/ssd.py --batch")
+    parser.add_argument("--batch", type=int, default=1, help="as benchmarks/ssd.py --batch")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--repeats", type=int, default=10)
@@ -156,7 +156,7 @@ def main() -> None:
 
         from benchmarks import ssd
 
-        sets = {"check": ssd.check_shapes, "sweep": ssd.sweep_shapes,
+        sets = {"check": ssd.check_shapes, "sweep": ssd.sweep_shapes, "tiny": ssd.tiny_shapes,
                 "bsmamba2": lambda: ssd.bsmamba2_shapes(args.batch)}
         shapes = [s for name in args.shapes.split(",") for s in sets[name]()]
         print(f"mamba_ssm {source}; torch {torch.__version__}, "

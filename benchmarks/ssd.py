@@ -83,6 +83,12 @@ def bsmamba2_shapes(batch: int) -> list[Shape]:
     return [Shape("time-axis", batch * 62, 801, 256), Shape("band-axis", batch * 801, 62, 64)]
 
 
+def tiny_shapes() -> list[Shape]:
+    """Small shapes of both kinds, for a dry run of the command lines on a CPU."""
+    return [Shape("tiny-time", 2, 130, 64, nheads=4, headdim=32, dstate=16),
+            Shape("tiny-band", 3, 62, 64, nheads=4, headdim=32, dstate=16)]
+
+
 def sweep_shapes() -> list[Shape]:
     return [Shape(f"sweep-l{l}", 1, l, 256) for l in (256, 512, 1024, 2048, 4096, 8192, 16384)]
 
@@ -247,7 +253,7 @@ def speedups(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="check,sweep",
-                        help="comma list of: check, bsmamba2, sweep")
+                        help="comma list of: check, bsmamba2, sweep, tiny")
     parser.add_argument("--batch", type=int, default=1,
                         help="examples of 8 s for the bsmamba2 shapes (the authors train 5 per "
                              "device; b = batch x 62 sequences along time, x 801 along bands)")
@@ -276,7 +282,7 @@ def main() -> None:
               "pip install --target .peer mamba2-jax==1.1.2 --no-deps)")
         impls.remove(PEER)
 
-    shape_sets = {"check": check_shapes, "sweep": sweep_shapes,
+    shape_sets = {"check": check_shapes, "sweep": sweep_shapes, "tiny": tiny_shapes,
                   "bsmamba2": lambda: bsmamba2_shapes(args.batch)}
     shapes = []
     for name in args.shapes.split(","):
