@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
+# Two test processes: most tests compile on one core for most of their time.
+PYTEST_WORKERS ?= 2
 
 .PHONY: train test setup ffmpeg
 
@@ -27,4 +29,4 @@ train: setup
 	$(VENV)/bin/python train.py --config=configs/bsmamba2.py:demo --workdir=$(WORKDIR)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)

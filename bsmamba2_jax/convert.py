@@ -60,12 +60,13 @@ DEFAULT_HOP_LENGTH = 441  # the authors' featurizer config and MSST's config_bs_
 # Fields the tensors cannot tell; used when neither the checkpoint's hyper-parameters nor a
 # model_config give them (float32 compute, so a conversion reproduces the PyTorch float32
 # output). Each architecture adds its own (`Architecture.run_defaults`).
-RUN_DEFAULTS = {"hop_length": DEFAULT_HOP_LENGTH, "dtype": "float32", "remat": False}
+RUN_DEFAULTS = {"hop_length": DEFAULT_HOP_LENGTH, "dtype": "float32", "remat": "none",
+                "group_tokens": 16384}
 MAMBA2_RUN_DEFAULTS = {"ngroups": 1, "chunk_size": 256, "band_chunk_size": 64, "ssd_impl": "xla"}
 FIELD_ORDER = ("dim", "depth", "band_widths", "n_fft", "hop_length", "expand", "d_state",
                "headdim", "ngroups", "d_conv", "chunk_size", "band_chunk_size", "mask_hidden_mult",
                "mixer", "heads", "dim_head", "ff_mult", "attn_dropout", "ff_dropout", "attn_impl",
-               "ssd_impl", "dtype", "remat")
+               "ssd_impl", "dtype", "remat", "group_tokens")
 LIGHTNING_BUFFERS = ("featurizer.window", "inverse_featurizer.window")
 
 
@@ -658,7 +659,7 @@ def expected_leaves(config: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
 
     # The parameters do not depend on how the scan runs: trace the plain jnp path.
     return dict(_leaf_shapes(BSMamba2(**{**config, "ssd_impl": "xla", "attn_impl": "xla",
-                                         "remat": False})))
+                                         "remat": "none"})))
 
 
 @functools.lru_cache(maxsize=4)
@@ -767,8 +768,8 @@ def load_torch_model(path: str | Path, weights: str = "raw", model_config: Any =
       weights: "raw" (the state_dict) or "ema" (optimizer_states[0]["ema"], Lightning only).
       model_config: BSMamba2 fields (dict or ConfigDict, or a run config with a "model"
         section) to check the checkpoint against; its non-shape fields (hop_length, ngroups,
-        chunk sizes, dropout rates, ssd_impl, attn_impl, dtype, remat) are used. None: read
-        everything off the tensors and the checkpoint's recorded hyper-parameters.
+        chunk sizes, dropout rates, ssd_impl, attn_impl, dtype, remat, group_tokens) are used.
+        None: read everything off the tensors and the checkpoint's recorded hyper-parameters.
       identify: recognise the known releases (size, then a streamed sha256).
     Returns:
       (params, config, info): params {"params": ...} of float32 np.ndarray for

@@ -342,7 +342,9 @@ class BSMamba2(nn.Module):
     ssd_impl: str = "xla"  # "xla", "scan" or "pallas"
     dtype: Dtype = "float32"  # matmul / conv compute dtype (string or dtype)
     remat: str | bool = "none"  # "none", "layer" or "block": what the backward recomputes
-    group_tokens: int = 0  # tokens per group of sequences in a dual-path pass; 0: all at once
+    # Tokens per group of sequences in a dual-path pass (0: all at once). Bounds the activation
+    # memory; the output does not depend on it, so a model file without it gets bounded memory.
+    group_tokens: int = 16384
     param_dtype: Dtype = jnp.float32  # parameter storage dtype
 
     def _mixer(self, chunk_size: int, dtype: jnp.dtype) -> Mamba2Config:
