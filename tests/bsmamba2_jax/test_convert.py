@@ -39,25 +39,6 @@ def test_inferred_config_and_info():
     assert msst_config == config and msst_info["layout"] == "state_dict"
 
 
-@pytest.mark.parametrize("weights", ["raw", "ema"])
-def test_loads_only_the_chosen_weights(monkeypatch, weights):
-    with tc.read_checkpoint(AUTHORS) as ckpt:
-        sd = ckpt.root["state_dict"]
-        opt = ckpt.root["optimizer_states"][0]
-        raw = {t.storage.key for k, t in sd.items() if k.startswith("model.")}
-        windows = {t.storage.key for k, t in sd.items() if not k.startswith("model.")}
-        ema = {t.storage.key for t in opt["ema"]}
-        adam = {t.storage.key for s in opt["opt"]["state"].values() for t in s.values()}
-    read = set()
-    original = tc.TorchCheckpoint.read_record
-    monkeypatch.setattr(tc.TorchCheckpoint, "read_record",
-                        lambda self, name: read.add(name) or original(self, name))
-    convert.load_torch_model(AUTHORS, weights)
-    storages = {r.removeprefix("data/") for r in read if r.startswith("data/")}
-    assert storages == (raw if weights == "raw" else ema) | windows
-    assert not storages & adam
-
-
 def test_bare_state_dict_has_no_ema():
     with pytest.raises(convert.ConversionError, match="no EMA weights.*--weights raw"):
         convert.load_torch_model(MSST, "ema")

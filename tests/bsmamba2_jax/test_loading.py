@@ -90,9 +90,14 @@ def test_bare_state_dict_has_no_ema_weights():
 
 
 @pytest.mark.parametrize("weights", ["raw", "ema"])
-def test_loader_never_reads_the_optimizer_state(monkeypatch, weights):
-    """Through the loader too, only the chosen weights' storage records are read (the published
-    Lightning file is 4x its weights: Adam moments and EMA besides the raw weights)."""
+@pytest.mark.parametrize("load", [
+    lambda path, weights: convert.load_torch_model(path, weights),
+    lambda path, weights: loading.read_weights(path, weights, report=None)],
+    ids=["convert", "loading"])
+def test_loader_never_reads_the_optimizer_state(monkeypatch, weights, load):
+    """Only the chosen weights' storage records are read, by the converter and through the
+    loader (the published Lightning file is 4x its weights: Adam moments and EMA besides the
+    raw weights)."""
     with tc.read_checkpoint(AUTHORS) as ckpt:
         sd = ckpt.root["state_dict"]
         opt = ckpt.root["optimizer_states"][0]
@@ -104,7 +109,7 @@ def test_loader_never_reads_the_optimizer_state(monkeypatch, weights):
     original = tc.TorchCheckpoint.read_record
     monkeypatch.setattr(tc.TorchCheckpoint, "read_record",
                         lambda self, name: read.append(name) or original(self, name))
-    loading.read_weights(AUTHORS, weights, report=None)
+    load(AUTHORS, weights)
     storages = [r.removeprefix("data/") for r in read if r.startswith("data/")]
     assert set(storages) == (raw if weights == "raw" else ema) | windows
     assert len(storages) == len(set(storages))  # each record read once
