@@ -100,9 +100,9 @@ def _paper() -> ml_collections.ConfigDict:
     up to 2000 epochs and validates after each.
 
     Total: 1,200,000 micro-batches = 200,000 updates = 12 M examples of 8 s. On one H100 that is
-    ~27 h at 100% of its dense bf16 rate (989 TFLOP/s), ~89 h at a more typical 30%: an
-    ESTIMATE from 79.3 TFLOP per micro-batch of 10 x 8 s (XLA's cost analysis of the lowered
-    train step, `python benchmarks/train_cost.py`) x 1.2 M, not a GPU measurement. The paper
+    ~35 h at 100% of its dense bf16 rate (989 TFLOP/s), ~118 h at a more typical 30%: an
+    ESTIMATE from 105 TFLOP per micro-batch of 10 x 8 s (3x the forward's matmul FLOPs,
+    `python benchmarks/train_cost.py`) x 1.2 M, not a GPU measurement. The paper
     trained on 2 x A100 80GB.
 
     Where this differs from the authors' run, and why:
