@@ -41,8 +41,11 @@ def _model() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype of matmuls/convs; params, SSD state, norms stay float32
     # What the backward pass recomputes instead of keeping: "none" (fastest, most memory),
     # "layer" (each dual-path layer), "block" (each bidirectional block, per group of sequences:
-    # least memory). Both cost one extra forward pass. False/True are "none"/"layer".
-    m.remat = "none"
+    # least memory). Both cost one extra forward pass. False/True are "none"/"layer". The
+    # paper's 5 x 8 s per device needs "block": a train step at 8 s keeps 13.2 GiB of
+    # temporaries per example-second with "none" (and with "layer"), 0.35 GiB with "block"
+    # (benchmarks/RESULTS.md, Training).
+    m.remat = "block"
     # The time and band passes run their sequences in groups of at most this many tokens
     # (sequences x length), one group after the other: intermediates scale with it, not with
     # batch x segment length. 0: all sequences at once. The output does not depend on it.
@@ -156,7 +159,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     """Small model, short run on the synthetic set: finishes in < 10 min on a 2-core CPU, data
     generation and compilation included (~0.5 s per step)."""
     config.model.update(dim=32, depth=1, expand=2, d_state=16, headdim=16, chunk_size=64,
-                        band_chunk_size=16, dtype="float32")
+                        band_chunk_size=16, dtype="float32", remat="none")
     config.model.band_widths = (16,) * 4 + (32,) * 4 + (64, 64, 256, 449)  # 12 bands
     config.data.update(segment_seconds=1.0, batch_size=4, examples_per_epoch=1000,
                        validation_windows=128,
@@ -176,7 +179,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
 def _tiny(config: ml_collections.ConfigDict) -> None:
     """The tests' model: one dual-path layer of width 32 over 6 wide bands, a few steps."""
     config.model.update(dim=32, depth=1, expand=2, d_state=16, headdim=16, chunk_size=64,
-                        band_chunk_size=16, dtype="float32")
+                        band_chunk_size=16, dtype="float32", remat="none")
     config.model.band_widths = (16, 32, 64, 128, 256, 529)
     config.data.update(segment_seconds=1.0, batch_size=4, examples_per_epoch=64,
                        validation_windows=4, num_workers=0, read_threads=1,

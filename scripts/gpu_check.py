@@ -13,7 +13,7 @@ Parts, most valuable first (GPU budget in seconds):
              float32, fwd and fwd+bwd (benchmarks/ssd.py, benchmarks/peers.py)          115
   ssd-table  their table against the ceilings (benchmarks/roofline.py)                  10
   train      the paper config's train step (benchmarks/train_step.py): one real step at
-             5 x 8 s (bf16, remat per layer) per impl with its peak memory, the compiled
+             5 x 8 s (bf16, remat per block) per impl with its peak memory, the compiled
              memory analysis (8 s, then 1, 2, 4 s), then batch sweeps per (impl, remat)
              until the budget ends                                                     100
   inference  bsmamba2-separate on a 4-minute synthetic track, bf16 and fp32 (wall time,
@@ -127,20 +127,20 @@ def _train_steps(out: Path, dry: bool) -> list[Step]:
     speed = [*script, "speed", *config, *seconds, "--dtype", "bfloat16", *_peak_tflops(out)]
     steps = [
         # The authors' per-GPU batch: one real step with remat, its peak memory; pallas first.
-        Step(f"speed 5 x 8 s, remat layer, {impl}", [
-            *speed, "--batches", "2" if dry else "5", "--remat", "layer", "--impls", impl,
+        Step(f"speed 5 x 8 s, remat block, {impl}", [
+            *speed, "--batches", "2" if dry else "5", "--remat", "block", "--impls", impl,
             "--json", str(out / f"train_paper_batch_{impl}.json")])
         for impl in ("pallas", "xla")]
     # Compile-only memory analysis on the card (CUDA's buffers, not the CPU's): 8 s first.
-    memory = [*script, "memory", *config, "--remat", "layer,none"]
+    memory = [*script, "memory", *config, "--remat", "block,layer,none"]
     for secs in (["1"] if dry else ["8", "1,2,4"]):
         steps.append(Step(f"memory analysis {secs} s", [
             *memory, "--seconds", secs, "--json",
             str(out / f"train_memory_{secs.replace(',', '_')}s.json")],
             {} if dry else {"JAX_PLATFORMS": "cuda"}))
     batches = "1" if dry else "1,2,4,8,16"
-    sweeps = (("pallas", "layer"), ("pallas", "none"), ("xla", "layer"),
-              ("xla", "none"), ("pallas", "block"), ("xla", "block"))
+    sweeps = (("pallas", "block"), ("xla", "block"), ("pallas", "layer"), ("xla", "layer"),
+              ("pallas", "none"), ("xla", "none"))
     if dry:  # each kind of command once: the CPU compiles every row for about a minute
         steps = [steps[0], *steps[2:]]
         sweeps = (("xla", "block"),)
