@@ -30,7 +30,7 @@ def test_inferred_config_and_info():
         "dim": 16, "depth": 2, "band_widths": PAPER_BAND_WIDTHS, "n_fft": 2048,
         "hop_length": 441, "expand": 4, "d_state": 128, "headdim": 64, "ngroups": 1,
         "d_conv": 4, "chunk_size": 256, "band_chunk_size": 64, "mask_hidden_mult": 4,
-        "ssd_impl": "xla", "dtype": "float32", "remat": False}
+        "ssd_impl": "xla", "dtype": "float32", "remat": "none", "group_tokens": 16384}
     assert config["sample_rate"] == 44100 and config["segment_seconds"] == 8.0
     assert (info["layout"], info["epoch"], info["global_step"]) == ("lightning", 11, 1200)
     assert (info["ema_step"], info["ema_decay"]) == (1200, 0.999)
