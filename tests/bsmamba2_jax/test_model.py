@@ -3,7 +3,6 @@ checks."""
 
 from __future__ import annotations
 
-import importlib
 import zlib
 
 import jax
@@ -88,18 +87,8 @@ def test_output_of_odd_length_is_finite(tiny):
     assert np.linalg.norm(out) > 0
 
 
-def _pallas_available() -> bool:
-    try:
-        importlib.import_module("kernels.ssd.pallas")
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("impl", ["scan", "pallas"])
 def test_ssd_impls_agree_in_the_model(tiny, xla_output, impl):
-    if impl == "pallas" and not _pallas_available():
-        pytest.skip("kernels.ssd.pallas is not importable yet")
     _, params = tiny
     audio, want = xla_output
     got = np.asarray(jax.jit(tiny_model(ssd_impl=impl).apply)(params, audio))
