@@ -27,9 +27,8 @@ from bsmamba2_jax.train.build import build
 from configs.bsmamba2 import get_config
 
 
-def xla_step_flops(config, seconds: float) -> float:
+def xla_step_flops(config, parts, seconds: float) -> float:
     """XLA's cost analysis of one lowered train step (loop bodies counted once)."""
-    parts = build(config)
     samples = int(round(seconds * config.data.sample_rate))
     batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, 2, samples), np.float32)
              for k in ("mixture", "vocals")}
@@ -37,9 +36,8 @@ def xla_step_flops(config, seconds: float) -> float:
     return float(lowered.cost_analysis()["flops"])
 
 
-def step_flops(config, seconds: float) -> float:
+def step_flops(config, model, seconds: float) -> float:
     """3x the forward's matmul FLOPs for a (batch_size, 2, seconds * rate) micro-batch."""
-    model = build(config).model
     samples = int(round(seconds * config.data.sample_rate))
     return 3.0 * sum(counted_flops(model, samples, config.data.batch_size).values())
 
@@ -57,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     config = get_config(args.variant)
     seconds = config.data.segment_seconds if args.seconds is None else args.seconds
-    flops = step_flops(config, seconds)
-    xla_flops = xla_step_flops(config, seconds)
+    parts = build(config)
+    flops = step_flops(config, parts.model, seconds)
+    xla_flops = xla_step_flops(config, parts, seconds)
     total = flops * config.total_steps
     updates = config.total_steps // config.optim.accum_steps
     hours = {u: total / (args.tflops * 1e12 * u) / 3600
