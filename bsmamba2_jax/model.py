@@ -31,6 +31,7 @@ from bsmamba2_jax.audio import istft, stft
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config, torch_bias_init
 from bsmamba2_jax.norms import L2RMSNorm, l2_rms_norm
 from bsmamba2_jax.roformer import ATTN_IMPLS, TransformerBlock, TransformerConfig
+from kernels.ordering import after
 
 Dtype = Any
 
@@ -175,55 +176,45 @@ def resolve_remat(remat: Any) -> str:
                      '"block" recomputes the least memory, "none" is the fastest')
 
 
-def _after(cotangent: Any, args: tuple) -> tuple:
-    """args, made to depend on the cotangent's first element without changing their values.
-
-    x + 0 * (c == c) equals x for every finite or infinite c (c == c is 0 or 1, never NaN), but
-    XLA cannot see that, so the recomputation that reads these args can neither start before the
-    cotangent exists nor be merged with the forward pass's identical ops. XLA:CPU removes
-    `optimization_barrier`s early and then merges exactly that (common-subexpression
-    elimination), and its default scheduler runs independent work early: together they undid
-    `jax.checkpoint` completely (same compiled memory with and without it).
-    """
-    c = jax.tree_util.tree_leaves(cotangent)[0].reshape(-1)[0]
-    zero = 0.0 * (c == c).astype(jnp.float32)
-    return jax.tree_util.tree_map(
-        lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
-
-
 def recompute_in_backward(module: nn.Module, *args: Any) -> Any:
     """module(*args), whose backward pass recomputes module's forward pass instead of keeping it.
 
-    The forward keeps only the module's parameters and its inputs; the backward reruns the
-    module from them once the output's cotangent has arrived (`_after`), then differentiates
-    it. Same values and gradients as module(*args), for one extra forward pass of the module.
-    `module` must be stateless apart from its "params" (true of every module here).
+    The forward keeps only the module's parameters, its inputs and (when the scope has a
+    "dropout" rng) the one dropout key drawn for this call; the backward reruns the module from
+    them, with the same key and so the same dropout masks, once the output's cotangent has
+    arrived (`kernels.ordering.after`), then differentiates it. Same values and gradients as the
+    module run with that key, for one extra forward pass. The key is drawn here, not inside the
+    module, so the masks differ from those of the module called directly (same distribution).
+    `module` must be stateless apart from its "params" (true of every module here). Flax's
+    `nn.checkpoint` is not used: XLA:CPU undoes it (`kernels.ordering`).
     """
-    definition = module.clone(parent=None)  # an unbound copy, for the backward pass
+    definition = module.clone(parent=None)  # an unbound copy, run from explicit params and key
+    dropout = module.scope is not None and module.scope.has_rng("dropout")
+    key = jax.random.key_data(module.make_rng("dropout")) if dropout else None
 
-    def fn(mdl: nn.Module, *a: Any) -> Any:
-        return mdl(*a)
+    def run(params: Any, key: jax.Array | None, *a: Any) -> Any:
+        # Work that reads only params or key (weights broadcast to the activations' shape,
+        # dropout masks) waits for the inputs, instead of running at the start of the program
+        # and staying live until its use, or being shared between forward and backward.
+        params, key = after(a, (params, key))
+        rngs = {"dropout": key} if key is not None else None
+        return definition.apply({"params": params}, *a, rngs=rngs)
 
-    def fwd(mdl: nn.Module, *a: Any) -> tuple[Any, tuple]:
-        return mdl(*a), (mdl.variables["params"], a)
+    def fn(mdl: nn.Module, key: jax.Array | None, *a: Any) -> Any:
+        return run(mdl.variables["params"], key, *a)
+
+    def fwd(mdl: nn.Module, key: jax.Array | None, *a: Any) -> tuple[Any, tuple]:
+        params = mdl.variables["params"]
+        return run(params, key, *a), (params, key, a)
 
     def bwd(residuals: tuple, cotangent: Any) -> tuple:
-        params, a = residuals
-        a = _after(cotangent, a)
-        _, vjp = jax.vjp(lambda p, *x: definition.apply({"params": p}, *x), params, *a)
+        params, key, a = after(cotangent, residuals)
+        _, vjp = jax.vjp(lambda p, *x: run(p, key, *x), params, *a)
         params_ct, *args_ct = vjp(cotangent)
-        return ({"params": params_ct}, *args_ct)
+        key_ct = None if key is None else np.zeros(key.shape, jax.dtypes.float0)
+        return ({"params": params_ct}, key_ct, *args_ct)
 
-    return nn.custom_vjp(fn, forward_fn=fwd, backward_fn=bwd)(module, *args)
-
-
-def remat_call(module: nn.Module, *args: Any) -> Any:
-    """module(*args), recomputed in the backward pass: `recompute_in_backward` when the call is
-    deterministic; with a dropout rng (BS-RoFormer training) Flax's `nn.checkpoint`, which
-    replays the same dropout masks (it does not take effect on XLA:CPU, see `_after`)."""
-    if module.scope is not None and module.scope.has_rng("dropout"):
-        return nn.checkpoint(lambda mdl, *a: mdl(*a))(module, *args)
-    return recompute_in_backward(module, *args)
+    return nn.custom_vjp(fn, forward_fn=fwd, backward_fn=bwd)(module, key, *args)
 
 
 def sequence_groups(n: int, length: int, group_tokens: int) -> tuple[int, int]:
@@ -248,7 +239,7 @@ def sequence_pass(block: nn.Module, x: jax.Array, group_tokens: int, remat: bool
     """
     n, l = x.shape[:2]
     groups, per = sequence_groups(n, l, group_tokens)
-    call = remat_call if remat else (lambda mdl, xg: mdl(xg))
+    call = recompute_in_backward if remat else (lambda mdl, xg: mdl(xg))
     if groups == 1:
         return call(block, x)
     buf = jnp.pad(x, [(0, groups * per - n)] + [(0, 0)] * (x.ndim - 1))
@@ -398,7 +389,7 @@ class BSMamba2(nn.Module):
                                   remat_blocks=remat == "block", param_dtype=self.param_dtype,
                                   name=f"layer{i}")
             if remat == "layer" and not self.is_initializing():
-                x = remat_call(layer, x)
+                x = recompute_in_backward(layer, x)
             else:
                 x = layer(x)
         x = L2RMSNorm(param_dtype=self.param_dtype, name="final_norm")(x)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from kernels.ordering import after
 from kernels.ssd.xla_chunk import chunk_backward, chunk_forward
 
 f32 = jnp.float32
@@ -131,8 +132,10 @@ def _forward(x, dt, A, B, C, H0, *, chunk: int, row_block: int, seqs: int):
         final_buf = jax.lax.dynamic_update_slice_in_dim(final_buf, H, bs, 0)
         return y_buf, hs_buf, final_buf
 
-    init = (jnp.zeros((b, l, g, j, p), f32), jnp.zeros((b, nc - 1, g, n, j * p), f32),
-            jnp.zeros((b, g, n, j * p), f32))
+    # Zero buffers made from x, not from a constant: XLA would fill them at the start of the
+    # program and keep them (one per pass and layer) until this loop runs.
+    init = after(x, (jnp.zeros((b, l, g, j, p), f32), jnp.zeros((b, nc - 1, g, n, j * p), f32),
+                     jnp.zeros((b, g, n, j * p), f32)))
     return _loop(-(-b // k), group, init)
 
 
@@ -179,9 +182,9 @@ def _backward(x, dt, A, B, C, H0, hs, y, dy, dfinal, *, chunk: int, row_block: i
             dH0_buf = jax.lax.dynamic_update_slice_in_dim(dH0_buf, dH, bs, 0)
         return bufs, dA_buf, dH0_buf
 
-    init = ((jnp.zeros(x.shape, x.dtype), jnp.zeros(dt.shape, f32), jnp.zeros(B.shape, f32),
-             jnp.zeros(C.shape, f32)), jnp.zeros((b, g, j), f32),
-            None if H0 is None else jnp.zeros(H0.shape, f32))
+    init = after(dy, ((jnp.zeros(x.shape, x.dtype), jnp.zeros(dt.shape, f32),
+                       jnp.zeros(B.shape, f32), jnp.zeros(C.shape, f32)),
+                      jnp.zeros((b, g, j), f32), None if H0 is None else jnp.zeros(H0.shape, f32)))
     (dx, ddt, dB, dC), dA, dH0 = _loop(-(-b // k), group, init)
     return dx, ddt, jnp.sum(dA, axis=0), dB, dC, dH0
 

@@ -14,7 +14,6 @@ from flax import linen as nn
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config
 from bsmamba2_jax.model import (
     BSMamba2,
-    _after,
     count_params,
     fold_spectrum,
     recompute_in_backward,
@@ -194,19 +193,6 @@ def test_sequence_groups_bound_the_tokens_and_cover_every_sequence(n, length, gr
         assert groups == 1
 
 
-@pytest.mark.parametrize("first", [1.5, np.nan, np.inf, -np.inf])
-def test_cotangent_dependency_keeps_values_exactly(first):
-    rng = np.random.default_rng(zlib.crc32(repr(first).encode()))
-    ct = rng.standard_normal((3, 4)).astype(np.float32)
-    ct[0, 0] = first
-    args = (rng.standard_normal((5, 2)).astype(np.float32),
-            rng.standard_normal(3).astype(jnp.bfloat16), np.arange(4, dtype=np.int32))
-    got = _after(jnp.asarray(ct), tuple(jnp.asarray(a) for a in args))
-    for g, a in zip(got, args, strict=True):
-        assert g.dtype == a.dtype
-        np.testing.assert_array_equal(np.asarray(g), a, err_msg=f"cotangent[0]={first}")
-
-
 class _Pass(nn.Module):
     """`sequence_pass` of one bidirectional block, as DualPathLayer runs it."""
 
@@ -244,11 +230,15 @@ def test_grouped_and_recomputed_pass_equals_the_plain_block(group_tokens, remat)
 
 
 class _Wide(nn.Module):
-    """x + W2 g(W1 x): a layer whose backward keeps intermediates 4x wider than its input."""
+    """x + W2 g(W1 x): a layer whose backward keeps intermediates 4x wider than its input;
+    with `dropout`, dropout on the wide intermediate whenever a "dropout" rng is given."""
+
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         h = jnp.tanh(nn.Dense(4 * x.shape[-1])(x))
+        h = nn.Dropout(self.dropout, deterministic=not self.has_rng("dropout"))(h)
         return x + nn.Dense(x.shape[-1])(jnp.sin(h) * h)
 
 
@@ -257,11 +247,12 @@ class _WideStack(nn.Module):
     `sequence_pass` of 4 groups with remat."""
 
     mode: str
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         for i in range(8):
-            layer = _Wide(name=f"layer{i}")
+            layer = _Wide(self.dropout, name=f"layer{i}")
             if self.mode == "plain" or self.is_initializing():
                 x = layer(x)
             elif self.mode == "layer":
@@ -272,20 +263,80 @@ class _WideStack(nn.Module):
         return x
 
 
-def test_recomputation_lowers_the_compiled_memory_of_the_gradient():
+@pytest.mark.parametrize("dropout", [False, True])
+def test_recomputation_lowers_the_compiled_memory_of_the_gradient(dropout):
     """On XLA:CPU, jax.checkpoint (nn.remat) alone left this unchanged: its recomputation was
-    merged back into the forward pass. Each layer's intermediates must now be gone."""
+    merged back into the forward pass. Each layer's intermediates must now be gone, also when
+    the step passes a dropout rng (the train step always does)."""
     x = jax.ShapeDtypeStruct((64, 128, 64), jnp.float32)
+    rngs = {"dropout": jax.random.key(1)} if dropout else None
     temp = {}
     for mode in ("plain", "layer", "groups"):
-        model = _WideStack(mode)
+        model = _WideStack(mode, dropout=0.25 if dropout else 0.0)
         params = jax.eval_shape(model.init, jax.random.key(0), x)
-        grad = jax.grad(lambda p, x, m=model: jnp.sum(m.apply(p, x) ** 2))
+        grad = jax.grad(lambda p, x, m=model: jnp.sum(m.apply(p, x, rngs=rngs) ** 2))
         compiled = jax.jit(grad).lower(params, x).compile()
         temp[mode] = compiled.memory_analysis().temp_size_in_bytes
     # plain: ~8 layers x 3 wide (4 MiB x 4) intermediates; layer: the 8 inputs + one layer's.
     assert temp["layer"] < 0.4 * temp["plain"], temp
     assert temp["groups"] < temp["layer"], temp
+
+
+@pytest.mark.parametrize("mode", ["layer", "groups"])
+def test_recomputation_replays_the_dropout_masks_of_its_forward(mode):
+    """With dropout on, the recomputed backward must use the forward's masks: the gradient
+    agrees with central differences of the same (deterministic given the key) forward along a
+    random direction; other masks in the backward would be off by O(1)."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(zlib.crc32(mode.encode()))
+        x = jnp.asarray(rng.standard_normal((6, 10, 8)))
+        model = _WideStack(mode, dropout=0.5)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(3), x))
+        rngs = {"dropout": jax.random.key(4)}
+        w = jnp.asarray(rng.standard_normal(x.shape))
+
+        def f(p):
+            return jnp.sum(model.apply(p, x, rngs=rngs) * w)
+
+        grad = jax.grad(f)(params)
+        direction = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params)
+        eps = 1e-6
+        shifted = [jax.tree.map(lambda a, v, s=s: a + s * eps * v, params, direction)
+                   for s in (1, -1)]
+        numeric = (f(shifted[0]) - f(shifted[1])) / (2 * eps)
+        analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad),
+                                                       jax.tree.leaves(direction), strict=True))
+        np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
+        masks_used = f(params) != _WideStack("plain", dropout=0.0).apply(params, x).ravel() @ \
+            w.ravel()
+        assert masks_used  # dropout did change the output
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.slow
+def test_recomputed_layers_add_only_their_inputs_to_the_train_steps_memory():
+    """Compiled temporaries of the gradient as the train step takes it (train=True with a
+    dropout rng): each extra layer adds its whole activations without remat, next to nothing
+    with "layer" or "block". (With a dropout rng, remat used to fall back to nn.checkpoint,
+    which XLA:CPU undid: every mode added the same ~28 MiB per layer here.)"""
+    audio = jax.ShapeDtypeStruct((2, 2, SR), jnp.float32)
+    per_layer = {}
+    for remat in ("none", "layer", "block"):
+        temp = []
+        for depth in (1, 3):
+            model = tiny_model(depth=depth, remat=remat)
+            params = jax.eval_shape(model.init, jax.random.key(0), audio)
+
+            def loss(p, a, m=model):
+                return jnp.sum(m.apply(p, a, train=True, rngs={"dropout": jax.random.key(1)})**2)
+
+            compiled = jax.jit(jax.grad(loss)).lower(params, audio).compile()
+            temp.append(compiled.memory_analysis().temp_size_in_bytes)
+        per_layer[remat] = (temp[1] - temp[0]) / 2
+    assert per_layer["layer"] < 0.1 * per_layer["none"], per_layer
+    assert per_layer["block"] < 0.1 * per_layer["none"], per_layer
 
 
 def test_l2_rms_norm_has_a_finite_gradient_at_zero():
