@@ -151,12 +151,16 @@ def build(impl: str, mode: str, chunk: int):
 
 def time_calls(fs: dict, args, repeats: int) -> dict:
     """Median wall seconds per call of each function, the calls interleaved round-robin so that
-    a change in machine load hits every function alike."""
+    a change in machine load hits every function alike. Each timed call follows an untimed call
+    of the same function: right after a slow, memory-hungry neighbour (the scan reference at
+    2 GB of temporaries) a fast call pays for cold caches and fresh pages (measured: the xla
+    fwd+bwd at the check shape took 148 ms after the scan, 75 ms after the peer)."""
     for f in fs.values():
         jax.block_until_ready(f(*args))  # compile and warm up
     times = {name: [] for name in fs}
     for _ in range(repeats):
         for name, f in fs.items():
+            jax.block_until_ready(f(*args))
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - t0)
