@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -259,6 +259,7 @@ def score(candidate: Candidate, tracks: list, seconds: float, opts: Options, bas
     results = evaluation.evaluate_tracks(
         vocals_fn, tracks, out_dir, producer=producer, force=opts.force,
         save_audio=opts.write_audio, run_museval=opts.museval, rate=rate,
+        compute_dtype=candidate.identity["model"].get("dtype"),
         desc=f"{candidate.label} {opts.split} {seconds:g}s", progress=opts.progress)
     return (reports.summarize(results, candidate.identity), reports.onset_summary(results),
             out_dir)
@@ -294,6 +295,9 @@ def evaluate(config: Any, opts: Options) -> dict:
     parts = [head, "", reports.models_table(identities), "",
              "Table II: uSDR (mean over tracks), cSDR (median over tracks), vocals scored alone; "
              "leakage: median over tracks", reports.table2(summaries)]
+    for label, summary in summaries.items():  # tracks to know about, and each score's count
+        prefix = f"{label}: " if len(summaries) > 1 else ""
+        parts += [f"Note: {prefix}{note}" for note in summary["notes"]]
     if len(candidates) == 1:
         parts += ["", reports.stats_table(next(iter(summaries.values())))]
     parts += ["", "Table III: uSDR of vocal-active stretches by length", reports.table3(onsets)]
@@ -337,7 +341,14 @@ def main(argv: list[str]) -> None:
         shifts=FLAGS.shifts, batch_size=FLAGS.batch_size, max_tracks=FLAGS.max_tracks,
         museval=FLAGS.museval, write_audio=FLAGS.write_audio, force=FLAGS.force,
         progress=FLAGS.progress)
-    evaluate(FLAGS.config, opts)
+    try:
+        evaluate(FLAGS.config, opts)
+    except ValueError as e:
+        # A bad track file or a broken estimate: one message naming the file or track and the
+        # fix; the traceback at --verbosity=1.
+        logging.debug("Traceback", exc_info=True)
+        logging.error("%s", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from bsmamba2_jax.data.musdb import SAMPLE_RATE
 
 # Bumped whenever a stored score would change meaning: results of another version are rescored.
 # 2: cSDR of the vocals alone (was vocals and accompaniment jointly, as museval.evaluate does).
-SCORING_VERSION = 2
+# 3: results carry the reference checks (silent references, mixture vs the sum of its stems).
+SCORING_VERSION = 3
 
 VocalsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -101,8 +102,10 @@ def score_track(mixture: np.ndarray, vocals: np.ndarray, accompaniment: np.ndarr
     Returns:
       dict with usdr and csdr of the vocals (the paper's: museval frames of the vocals alone,
       nanmedian), usdr_accompaniment and csdr_accompaniment (the accompaniment alone),
-      leakage_db (silent-region leakage), silent_seconds, seconds, csdr_frames (list, None = NaN)
-      and onset (per-stretch uSDRs). Undefined scores are None, infinite ones "inf"/"-inf".
+      leakage_db (silent-region leakage), silent_seconds, seconds, csdr_frames (list, None = NaN),
+      onset (per-stretch uSDRs), and vocals_silent / accompaniment_silent: the reference is
+      silent in every 1 s frame (`metrics.reference_silent`), so its scores are left out of the
+      aggregates (`reports.summarize`). Undefined scores are None, infinite ones "inf"/"-inf".
     """
     if estimate.shape != vocals.shape:
         raise ValueError(f"estimate {estimate.shape} must match the reference {vocals.shape}")
@@ -119,6 +122,8 @@ def score_track(mixture: np.ndarray, vocals: np.ndarray, accompaniment: np.ndarr
         "seconds": vocals.shape[-1] / rate,
         "csdr_frames": [_json_float(v) for v in frames],
         "onset": onset_stretch_scores(vocals, estimate, rate),
+        "vocals_silent": metrics.reference_silent(vocals, rate),
+        "accompaniment_silent": metrics.reference_silent(accompaniment, rate),
     }
 
 
@@ -163,8 +168,8 @@ def _json_float(x: Any) -> float | str | None:
 def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | Path, *,
                     producer: Mapping[str, Any] | None = None, force: bool = False,
                     save_audio: bool = False, run_museval: bool = False,
-                    rate: int = SAMPLE_RATE, desc: str = "tracks",
-                    progress: bool = True) -> list[dict]:
+                    rate: int = SAMPLE_RATE, compute_dtype: str | None = None,
+                    desc: str = "tracks", progress: bool = True) -> list[dict]:
     """Separates and scores every track; reuses stored results of the same producer.
 
     Args:
@@ -177,12 +182,16 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
       force: score every track again.
       save_audio, run_museval: also write the estimates / full museval scores (a stored result
         without them is scored again).
+      compute_dtype: the model's compute dtype, named in the error for a non-finite estimate.
     Returns:
-      the per-track result dicts (with "name"), in track order. Writes tracks/<name>.json as soon
+      the per-track result dicts (with "name"), in track order: `score_track`'s scores plus
+      mixture_residual_db (`eval_io.mixture_residual_db`; None without the other stems) and
+      mixture_mismatch (above `eval_io.MIXTURE_TOLERANCE_DB`). Writes tracks/<name>.json as soon
       as a track is scored (an interrupted run resumes), then the reports.
     Raises:
-      ValueError when an estimate has the wrong shape or non-finite samples (a NaN would
-      silently drop frames from the cSDR median).
+      ValueError naming the file or the track, before the model runs on it, for a truncated file
+      or one with NaN/Inf samples (`eval_io.read_audio`); after, when an estimate has the wrong
+      shape or non-finite samples (a NaN would silently drop frames from the cSDR median).
     """
     from tqdm import tqdm
 
@@ -208,9 +217,17 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
                          path)
         audio = eval_io.load_track(track, rate)
         estimate = np.asarray(vocals_fn(audio["mixture"]), dtype=np.float32)
-        check_estimate(estimate, audio["mixture"], name)
+        check_estimate(estimate, audio["mixture"], name, compute_dtype)
         result = {"name": name, **score_track(audio["mixture"], audio["vocals"],
                                               audio["accompaniment"], estimate, rate)}
+        result.update(mixture_check(track, audio))
+        if result["mixture_mismatch"]:
+            logging.warning("%s: mixture.wav is not the sum of its stems (residual %.1f dB "
+                            "relative to the mixture)", name,
+                            reports.from_json(result["mixture_residual_db"]))
+        if result["vocals_silent"]:
+            logging.warning("%s: the reference vocals are silent; uSDR and cSDR leave the "
+                            "track out", name)
         if run_museval:
             full = museval_scores(audio["mixture"], audio["vocals"], audio["accompaniment"],
                                   estimate, rate)
@@ -231,13 +248,40 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
     return results
 
 
-def check_estimate(estimate: np.ndarray, mixture: np.ndarray, name: str) -> None:
-    """A named error for an estimate of the wrong shape or with NaN/Inf samples."""
+def mixture_check(track: Any, audio: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """{"mixture_residual_db", "mixture_mismatch"} of a track loaded by `eval_io.load_track`.
+
+    mixture_residual_db: `eval_io.mixture_residual_db`, None when the track has no other stems
+    (its accompaniment is then mixture - vocals, so there is nothing to compare).
+    mixture_mismatch: the residual is above `eval_io.MIXTURE_TOLERANCE_DB`.
+    """
+    if eval_io.accompaniment_paths(track) is None:
+        return {"mixture_residual_db": None, "mixture_mismatch": False}
+    residual = eval_io.mixture_residual_db(audio["mixture"], audio["vocals"],
+                                           audio["accompaniment"])
+    return {"mixture_residual_db": _json_float(residual),
+            "mixture_mismatch": bool(residual > eval_io.MIXTURE_TOLERANCE_DB)}
+
+
+def check_estimate(estimate: np.ndarray, mixture: np.ndarray, name: str,
+                   compute_dtype: str | None = None) -> None:
+    """A named error for an estimate of the wrong shape or with NaN/Inf samples.
+
+    The mixture was checked finite when read, so NaN/Inf came from the model: float16 compute
+    overflows easily; in another dtype the weights themselves are the suspect.
+    """
     if estimate.shape != mixture.shape:
         raise ValueError(f"{name}: the model returned {estimate.shape} for a mixture of shape "
                          f"{mixture.shape}; it must return the same shape")
     bad = int(np.size(estimate) - np.count_nonzero(np.isfinite(estimate)))
-    if bad:
-        raise ValueError(f"{name}: the vocal estimate has {bad} non-finite samples (NaN/Inf), "
-                         "which would drop frames from the cSDR silently; under --dtype=float16 "
-                         "this is usually overflow: evaluate with --dtype=float32 or bfloat16")
+    if not bad:
+        return
+    if compute_dtype == "float16":
+        cause = ("float16 compute overflowed: evaluate with --dtype=float32 or --dtype=bfloat16")
+    else:
+        where = f" in {compute_dtype} compute" if compute_dtype else ""
+        cause = (f"the model made them from a finite mixture{where}: its weights may hold "
+                 "NaN/Inf or come from a diverged run; check the checkpoint (its validation "
+                 "records in metrics.jsonl) or score another --checkpoint")
+    raise ValueError(f"{name}: the vocal estimate has {bad} non-finite samples (NaN/Inf), which "
+                     f"would drop frames from the cSDR silently; {cause}")

@@ -41,6 +41,7 @@ USDR_EPS = 1e-7  # uSDR regulariser, added to numerator and denominator (authors
 ROW = 128  # samples per partial sum in the input's dtype; see _sum_squares
 BLOCK = 1 << 17  # samples (all channels) per block of the error signal: stays in the L2 cache
 PROBE = 64  # leading samples of a frame looked at before a full silence check
+SILENCE_DB = -60.0  # a 1 s frame of a reference at or below this mean square (dBFS) is silent
 
 
 def _as_sources(x: np.ndarray | Sequence[np.ndarray], name: str) -> list[np.ndarray]:
@@ -292,7 +293,7 @@ def frame_energy(x: np.ndarray, win: int) -> np.ndarray:
 
 
 def vocal_silent_frames(reference_vocals: np.ndarray, rate: int = SAMPLE_RATE,
-                        silence_db: float = -60.0) -> np.ndarray:
+                        silence_db: float = SILENCE_DB) -> np.ndarray:
     """Frames (1 s) where the reference vocals are silent: mean square below `silence_db` dBFS.
 
     Exact digital silence (museval's NaN frames) is included; -60 dBFS also catches the faint bleed
@@ -308,8 +309,18 @@ def vocal_silent_frames(reference_vocals: np.ndarray, rate: int = SAMPLE_RATE,
     return mean_square <= 10.0 ** (silence_db / 10.0)
 
 
+def reference_silent(reference: np.ndarray, rate: int = SAMPLE_RATE,
+                     silence_db: float = SILENCE_DB) -> bool:
+    """True when every 1 s frame of a reference is silent (`vocal_silent_frames`).
+
+    Such a reference has no score: museval refuses an all-zero one, and its uSDR is set by the
+    1e-7 regulariser, i.e. by the estimate's energy alone. Args: reference (channels, samples).
+    """
+    return bool(np.all(vocal_silent_frames(reference, rate, silence_db)))
+
+
 def silent_leakage(reference_vocals: np.ndarray, estimate_vocals: np.ndarray, mixture: np.ndarray,
-                   rate: int = SAMPLE_RATE, silence_db: float = -60.0) -> tuple[float, int]:
+                   rate: int = SAMPLE_RATE, silence_db: float = SILENCE_DB) -> tuple[float, int]:
     """Silent-region leakage: the estimate's energy where the reference vocals are silent.
 
     `10 log10(sum_{silent frames} s_hat^2 / sum_{silent frames} x^2)` in dB relative to the

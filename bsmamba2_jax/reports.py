@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bsmamba2_jax import eval_io
+from bsmamba2_jax import eval_io, metrics
 
 ONSET_BINS = ((1.0, 2.0), (2.0, 4.0), (4.0, 8.0))  # seconds, Table III's columns
 SCALAR_KEYS = ("usdr", "csdr", "usdr_accompaniment", "csdr_accompaniment", "leakage_db",
@@ -51,17 +51,76 @@ def _stats(values: Sequence[Any]) -> dict[str, float | int | None]:
 
 # ----------------------------------------------------------------------------- aggregates
 
+LABELS = {"usdr": "uSDR", "csdr": "cSDR", "usdr_accompaniment": "accomp. uSDR",
+          "csdr_accompaniment": "accomp. cSDR", "leakage_db": "leakage"}
+
+
+def _silence_flag(key: str) -> str | None:
+    """The per-track flag that marks `key`'s reference silent (evaluation.score_track).
+
+    A track whose reference is silent is left out of that score's aggregate: museval refuses a
+    silent reference (`bss_eval` raises, so the authors' evaluation, which scores every track
+    with it, cannot score such a track at all), and the uSDR of one, defined only by its 1e-7
+    regulariser, measures the estimate's energy alone (about -89 dB for a typical leak), which
+    would swamp a mean over tracks. Leakage is measured where the reference vocals are silent, so
+    such a track counts there.
+    """
+    if key in ("usdr", "csdr") or key.startswith("museval_"):
+        return "vocals_silent"
+    if key in ("usdr_accompaniment", "csdr_accompaniment"):
+        return "accompaniment_silent"
+    return None
+
+
+def _undefined_reason(key: str, value: float) -> str:
+    if key == "leakage_db":
+        return "no second with silent reference vocals" if np.isnan(value) else "infinite"
+    if np.isnan(value):
+        return "undefined: the reference or the estimate is silent in every 1 s frame"
+    return "infinite: the estimate is exact"
+
+
+def counted_tracks(results: Sequence[dict], key: str) -> tuple[list[float], dict[str, str]]:
+    """The values `key`'s aggregate is computed over, and {track name: why} for the others."""
+    flag = _silence_flag(key)
+    values, left_out = [], {}
+    for r in results:
+        name = str(r.get("name", "?"))
+        value = from_json(r.get(key))
+        if flag and r.get(flag):
+            left_out[name] = f"silent reference {flag.split('_')[0]}"
+        elif not np.isfinite(value):
+            left_out[name] = _undefined_reason(key, value)
+        else:
+            values.append(value)
+    return values, left_out
+
 
 def summarize(results: list[dict], model: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The paper's aggregates (uSDR: mean over tracks, cSDR: median over tracks) plus statistics.
 
-    Non-finite track scores (e.g. a track whose frames are all NaN) are left out of the statistics.
-    `model` (an `eval_io.model_identity`) is kept in the summary so it names what was scored.
+    Each score is aggregated over the tracks where it is defined: tracks whose reference is silent
+    (see `_silence_flag`) and non-finite track scores (a track whose frames are all NaN) are left
+    out, and `stats[key]["n"]` / `left_out[key]` say which tracks each score counts. `checks`
+    names the tracks with a silent reference or a mixture that is not the sum of its stems, and
+    `notes` says all of it in sentences. `model` (an `eval_io.model_identity`) is kept in the
+    summary so it names what was scored.
     """
     keys = list(SUMMARY_KEYS)
     keys += sorted({k for r in results for k in r if k.startswith("museval_")})  # --museval
-    stats = {k: _stats([r.get(k) for r in results]) for k in keys}
-    return {
+    stats, left_out = {}, {}
+    for k in keys:
+        values, out = counted_tracks(results, k)
+        stats[k] = _stats(values)
+        if out:
+            left_out[k] = out
+    checks = {
+        "silent_vocals": [r["name"] for r in results if r.get("vocals_silent")],
+        "silent_accompaniment": [r["name"] for r in results if r.get("accompaniment_silent")],
+        "mixture_mismatch": {r["name"]: r.get("mixture_residual_db") for r in results
+                             if r.get("mixture_mismatch")},
+    }
+    summary = {
         "model": dict(model) if model is not None else None,
         "tracks": len(results),
         "usdr": stats["usdr"]["mean"],  # paper: mean over tracks
@@ -70,7 +129,62 @@ def summarize(results: list[dict], model: Mapping[str, Any] | None = None) -> di
         "csdr_accompaniment": stats["csdr_accompaniment"]["median"],
         "leakage_db": stats["leakage_db"]["median"],
         "stats": stats,
+        "left_out": left_out,
+        "checks": checks,
     }
+    summary["notes"] = check_notes(summary, results)
+    return summary
+
+
+def _db(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.2f}"
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def check_notes(summary: Mapping[str, Any], results: Sequence[dict]) -> list[str]:
+    """Sentences naming the tracks a reader of the tables must know about, and each score's count.
+
+    Empty when every track is fine and every score counts every track.
+    """
+    notes = []
+    usdr = {r.get("name"): r.get("usdr") for r in results}
+    tracks, checks = summary["tracks"], summary["checks"]
+    silent = checks["silent_vocals"]
+    if silent:
+        scored = ", ".join(f"{n!r} (uSDR {_db(usdr[n])} dB)" for n in silent[:8])
+        notes.append(
+            f"Silent reference vocals (every 1 s frame at or below {metrics.SILENCE_DB:g} dBFS) "
+            f"in {len(silent)} of {tracks} track(s): {scored}{' ...' if len(silent) > 8 else ''}."
+            " uSDR and cSDR leave them out: museval refuses a silent reference (the authors' "
+            "evaluation stops on one) and its uSDR, set by the 1e-7 regulariser, measures only "
+            "the estimate's energy; the leakage column counts them, scores.csv keeps their "
+            "scores; if the track should have vocals, check its vocals.wav.")
+    silent = checks["silent_accompaniment"]
+    if silent:
+        notes.append(
+            f"Silent reference accompaniment (drums + bass + other) in {len(silent)} of {tracks} "
+            f"track(s): {_names(silent)}. The accompaniment columns leave them out, as above.")
+    mismatch = checks["mixture_mismatch"]
+    if mismatch:
+        listed = ", ".join(f"{n!r} ({_db(db)} dB)" for n, db in
+                           list(mismatch.items())[:8])
+        notes.append(
+            f"mixture.wav is not the sum of the stems in {len(mismatch)} of {tracks} track(s): "
+            f"{listed}{' ...' if len(mismatch) > 8 else ''} (the residual's energy relative to "
+            f"the mixture's; tolerance {eval_io.MIXTURE_TOLERANCE_DB:g} dB, where a MUSDB18-HQ "
+            "track differs only by the 16-bit rounding of its files, 50 dB or more below). Their "
+            "scores separate a mixture the references do not make and are counted as they are: "
+            "replace the track's files with a matching set and score again with --force.")
+    for key, out in summary["left_out"].items():
+        n = summary["stats"][key]["n"]
+        notes.append(f"{LABELS.get(key, key)} over {n} of {tracks} track(s); left out: "
+                     + "; ".join(f"{name!r} ({why})" for name, why in list(out.items())[:8])
+                     + (" ..." if len(out) > 8 else ""))
+    return notes
 
 
 def onset_summary(results: list[dict],
@@ -115,10 +229,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    eval_io.write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- tables
@@ -128,15 +239,27 @@ def _cell(x: Any, width: int = 8) -> str:
     return f"{'-':>{width}}" if x is None else f"{float(x):{width}.2f}"
 
 
+def track_counts(summary: Mapping[str, Any]) -> str:
+    """Table II's tracks cell: the tracks scored, and each score's count where it differs."""
+    stats = summary.get("stats", {})
+    differ = [f"{LABELS[k]} {stats[k]['n']}" for k in SUMMARY_KEYS
+              if k in stats and stats[k]["n"] != summary["tracks"]]
+    return f"{summary['tracks']}" + (f" ({', '.join(differ)})" if differ else "")
+
+
 def table2(summaries: Mapping[str, dict]) -> str:
-    """Table II side by side: {label: summary} -> Markdown, one row per model."""
+    """Table II side by side: {label: summary} -> Markdown, one row per model.
+
+    The tracks column counts the tracks scored and, in brackets, each score that was computed
+    over fewer (see `summarize` and the summary's notes).
+    """
     lines = ["| Model | uSDR | cSDR | accomp. uSDR | accomp. cSDR | leakage (dB) | tracks |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, s in summaries.items():
         lines.append(f"| {label} | {_cell(s['usdr'])} | {_cell(s['csdr'])} | "
                      f"{_cell(s.get('usdr_accompaniment'))} | "
                      f"{_cell(s.get('csdr_accompaniment'))} | {_cell(s.get('leakage_db'))} | "
-                     f"{s['tracks']} |")
+                     f"{track_counts(s)} |")
     return "\n".join(lines)
 
 
@@ -212,12 +335,13 @@ def write_comparison(out_dir: str | Path, identities: Mapping[str, Mapping[str, 
       text: the printed tables (Markdown).
     """
     out_dir = Path(out_dir)
-    _write_csv(out_dir / "table2.csv", ["model", *SUMMARY_KEYS, "tracks"],
-               [[label, *(_fmt(s.get(k)) for k in SUMMARY_KEYS), s["tracks"]]
-                for label, s in summaries.items()])
+    _write_csv(out_dir / "table2.csv",
+               ["model", *SUMMARY_KEYS, "tracks", *(f"tracks_{k}" for k in SUMMARY_KEYS)],
+               [[label, *(_fmt(s.get(k)) for k in SUMMARY_KEYS), s["tracks"],
+                 *(s["stats"][k]["n"] for k in SUMMARY_KEYS)] for label, s in summaries.items()])
     bins = list(next(iter(onsets.values())))
     _write_csv(out_dir / "table3.csv", ["model", *bins],
                [[label, *(_fmt(o[b]["usdr_mean"]) for b in bins)] for label, o in onsets.items()])
     eval_io.write_json(out_dir / "comparison.json",
                        {"models": identities, "table2": summaries, "table3": onsets}, indent=2)
-    (out_dir / "tables.md").write_text(text + "\n")
+    eval_io.write_text(out_dir / "tables.md", text + "\n")

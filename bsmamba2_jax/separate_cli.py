@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import math
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from bsmamba2_jax import audio_files
 from bsmamba2_jax.data.musdb import SAMPLE_RATE
 
 MODEL_ENV = "BSMAMBA2_MODEL"
@@ -67,37 +67,6 @@ class InputInfo:
     rate: int  # Hz
     channels: int  # 1 or 2
     nonfinite: int  # NaN / Inf samples (all channels)
-
-
-def wav_header_frames(path: Path) -> int | None:
-    """Frames that a RIFF/WAVE file's `data` chunk header promises, or None if not a plain WAV.
-
-    libsndfile silently clamps a truncated file's length to the bytes present, so a cut-off
-    download would otherwise be separated in part without a word.
-    """
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        block_align = None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if cid == b"fmt ":
-                fmt = f.read(size)
-                if len(fmt) < 14:
-                    return None
-                block_align = struct.unpack("<H", fmt[12:14])[0]
-                if size % 2:
-                    f.seek(1, os.SEEK_CUR)
-            elif cid == b"data":
-                if not block_align or size in (0, 0xFFFFFFFF):  # streamed WAVs leave it unset
-                    return None
-                return size // block_align
-            else:
-                f.seek(size + size % 2, os.SEEK_CUR)
 
 
 def _open(path: Path) -> Any:
@@ -146,12 +115,10 @@ def scan_input(path: str | Path, nonfinite: str = "error") -> InputInfo:
         if channels > 2:
             raise SeparationError(f"{path}: {channels} channels; only mono and stereo are "
                                   "supported (downmix it first)")
-        promised = wav_header_frames(path) if f.format == "WAV" else None
-        if promised is not None and promised > frames:
-            raise SeparationError(
-                f"{path}: truncated: its header promises {promised} frames "
-                f"({promised / rate:.2f} s) but the file holds {frames} ({frames / rate:.2f} s); "
-                "get a complete copy of the file")
+        try:
+            audio_files.check_complete(path, frames, rate, f.format)
+        except audio_files.AudioFileError as e:
+            raise SeparationError(str(e)) from e
         read = bad = 0
         first_bad = None
         for block in _blocks(f, path):

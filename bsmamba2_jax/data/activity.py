@@ -8,9 +8,11 @@ one window (linear interpolation, like torch.quantile), not over the whole track
 first replaces exact-zero RMS values by 1e-5; that cannot change the outcome (the threshold is
 never below 1e-3), so it is left out.
 
-The index (start samples of the active windows, per split, stem and track) is computed once and
-cached as a small JSON file, keyed by the root, the detection parameters and every file's size and
-modification time, so editing the dataset or the parameters recomputes it.
+The index (start samples of the active windows, per split, stem and track) is computed once, from
+one checked full read of every stem (a truncated file or a NaN/Inf sample is an error naming the
+file and the sample's time, `bsmamba2_jax.audio_files`), and cached as a small JSON file, keyed
+by the root, the detection parameters and every file's size and modification time, so editing
+the dataset or the parameters recomputes it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -25,6 +28,7 @@ import tempfile
 import ml_collections
 import numpy as np
 
+from bsmamba2_jax import audio_files
 from bsmamba2_jax.data import musdb as musdb_lib
 
 
@@ -72,18 +76,27 @@ def chunk_rms(audio: np.ndarray, params: ActivityParams) -> np.ndarray:
       audio is shorter than one window). Chunk j of a window covers samples
       [round(j * window / chunks), round((j + 1) * window / chunks)) of it (equal chunks when
       window % chunks == 0, as for every config here).
+
+    Every chunk's energy is a sum over its own samples, never a difference of running sums: a
+    NaN or Inf sample reaches only the chunks (and windows) that contain it. (A cumulative sum
+    carried one bad sample into every later window of the stem.)
     """
     channels, samples = audio.shape
     if samples < params.window:
         return np.zeros((channels, 0, params.chunks))
     starts = np.arange(0, samples - params.window + 1, params.step)
     bounds = np.round(np.arange(params.chunks + 1) * params.window / params.chunks).astype(np.int64)
-    # Cumulative energy in float64 turns every chunk sum into one subtraction.
-    energy = np.concatenate([np.zeros((channels, 1)),
-                             np.cumsum(np.square(audio, dtype=np.float64), axis=-1)], axis=-1)
-    edges = starts[:, None] + bounds[None, :]  # (windows, chunks + 1)
-    sums = energy[:, edges[:, 1:]] - energy[:, edges[:, :-1]]
-    return np.sqrt(np.maximum(sums, 0.0) / np.diff(bounds))
+    # Every window start and chunk edge lies on a grid of `grid` samples: sum the energy of each
+    # grid block once (float64), then each chunk is the sum of its own blocks.
+    grid = math.gcd(params.step, *(int(b) for b in bounds))
+    covered = int(starts[-1]) + params.window  # a multiple of grid
+    blocks = np.square(audio[:, :covered], dtype=np.float64).reshape(channels, -1, grid).sum(-1)
+    first = bounds[:-1] // grid  # each chunk's first block within its window
+    sums = np.empty((channels, len(starts), params.chunks))
+    for w, start in enumerate(starts // grid):
+        window_blocks = blocks[:, start:start + params.window // grid]
+        sums[:, w] = np.add.reduceat(window_blocks, first, axis=-1)
+    return np.sqrt(sums / np.diff(bounds))
 
 
 def active_window_starts(audio: np.ndarray, params: ActivityParams) -> np.ndarray:
@@ -92,23 +105,26 @@ def active_window_starts(audio: np.ndarray, params: ActivityParams) -> np.ndarra
     Args:
       audio: (channels, samples) float.
     Returns:
-      (n_active,) int64, ascending multiples of params.step.
+      (n_active,) int64, ascending multiples of params.step. A window holding a NaN or Inf
+      sample is never active; the others are unaffected by it. (The readers refuse such files
+      before this: `activity_index` reads with `audio_files.read_checked`.)
     """
     rms = chunk_rms(audio, params)  # (c, w, k)
     if rms.shape[1] == 0:
         return np.zeros(0, np.int64)
+    finite = np.all(np.isfinite(rms), axis=(0, 2))  # (w,)
+    rms = np.where(finite[None, :, None], rms, 0.0)  # keeps the quantile free of NaN warnings
     threshold = np.maximum(np.quantile(rms, params.quantile, axis=-1, keepdims=True),
                            params.rms_floor)
     loud = np.mean(rms > threshold, axis=-1)  # (c, w)
-    keep = np.all(loud > params.min_fraction, axis=0)
+    keep = np.all(loud > params.min_fraction, axis=0) & finite
     return (np.flatnonzero(keep) * params.step).astype(np.int64)
 
 
 def _read_all(path: pathlib.Path) -> np.ndarray:
-    import soundfile as sf
-
-    audio, _ = sf.read(str(path), dtype="float32", always_2d=True)
-    return audio.T
+    """(channels, samples) float32 of a whole stem, checked: the one full read of each training
+    and validation file (an error names a truncated, short-read or NaN/Inf file)."""
+    return audio_files.read_checked(path)[0]
 
 
 def _cache_key(root: pathlib.Path, split: str, tracks: list[musdb_lib.Track],
@@ -118,8 +134,10 @@ def _cache_key(root: pathlib.Path, split: str, tracks: list[musdb_lib.Track],
         for stem in musdb_lib.STEMS:
             st = t.paths[stem].stat()
             files.append([t.name, stem, st.st_size, st.st_mtime_ns])
+    # version 2: the stems are checked on reading (an index of version 1 may hold a stem
+    # poisoned by one NaN sample, so it is not reused).
     blob = json.dumps({"root": str(root.resolve()), "split": split,
-                       "params": dataclasses.asdict(params), "files": files, "version": 1},
+                       "params": dataclasses.asdict(params), "files": files, "version": 2},
                       sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from bsmamba2_jax import audio_files
+
 SAMPLE_RATE = 44100
 CHANNELS = 2
 STEMS = ("vocals", "drums", "bass", "other")  # the four sources, in mixing order
@@ -58,13 +60,17 @@ def check_root(root: str | os.PathLike) -> pathlib.Path:
 
 
 def check_wav(path: pathlib.Path) -> int:
-    """Frames of a 44.1 kHz stereo wav; ValueError naming the file and what it found otherwise."""
+    """Frames of a complete 44.1 kHz stereo wav; ValueError naming the file and what it found
+    otherwise (a truncated file among them: the five files of a track cut the same way agree in
+    length, so only the header shows it). Reads the header only; the samples are checked where
+    they are read whole (`activity.activity_index`, `eval_io.read_audio`)."""
     import soundfile as sf
 
     try:
         info = sf.info(str(path))
     except (RuntimeError, sf.LibsndfileError) as e:  # not a readable audio file
         raise ValueError(f"{path}: cannot read as audio ({e})") from e
+    audio_files.check_complete(path, int(info.frames), int(info.samplerate), info.format)
     if info.samplerate != SAMPLE_RATE:
         raise ValueError(f"{path}: sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz; "
                          "resample the dataset (MUSDB18-HQ is 44.1 kHz)")

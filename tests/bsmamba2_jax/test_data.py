@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -187,6 +188,103 @@ def test_activity_matches_a_loop_reference(seed):
     got = data.active_window_starts(audio, params)
     assert got.tolist() == _activity_reference(audio, window, step)
     assert 0 < len(got) < 22  # the stretches make both outcomes occur
+
+
+def _chunk_energy_cumulative(audio, params):
+    """The former definition: chunk energies as differences of one running float64 sum.
+    Returns (energies (c, w, k), the running sum's total (c,)) ."""
+    starts = np.arange(0, audio.shape[1] - params.window + 1, params.step)
+    bounds = np.round(np.arange(params.chunks + 1) * params.window / params.chunks).astype(int)
+    energy = np.concatenate([np.zeros((audio.shape[0], 1)),
+                             np.cumsum(np.square(audio, dtype=np.float64), axis=-1)], axis=-1)
+    edges = starts[:, None] + bounds[None, :]
+    return energy[:, edges[:, 1:]] - energy[:, edges[:, :-1]], energy[:, -1], np.diff(bounds)
+
+
+def _active_from_rms(rms, params):
+    threshold = np.maximum(np.quantile(rms, params.quantile, axis=-1, keepdims=True),
+                           params.rms_floor)
+    keep = np.all(np.mean(rms > threshold, axis=-1) > params.min_fraction, axis=0)
+    return (np.flatnonzero(keep) * params.step).tolist()
+
+
+@pytest.mark.parametrize("window,step,chunks", [(2000, 1000, 10), (2003, 777, 7),
+                                                (441, 441, 10), (1000, 30, 10)])
+def test_chunk_sums_equal_the_cumulative_definition_on_finite_data(window, step, chunks):
+    """Per-chunk sums give the running-sum definition's chunk energies (up to that definition's
+    rounding, which grows with the running total) and the same windows, on awkward window /
+    step / chunk sizes; they match a chunk-by-chunk exact sum to float64 rounding."""
+    rng = np.random.default_rng(window + step + chunks)
+    audio = (rng.standard_normal((2, 11_111)) * rng.uniform(1e-4, 0.3)).astype(np.float32)
+    for _ in range(6):  # silent and quiet stretches, so that both outcomes occur
+        a = int(rng.integers(0, 10_000))
+        audio[:, a:a + int(rng.integers(100, 3000))] *= rng.choice([0.0, 1e-4])
+    params = data.ActivityParams(window=window, step=step, chunks=chunks)
+    got = activity_lib.chunk_rms(audio, params)
+    old, total, sizes = _chunk_energy_cumulative(audio, params)
+    assert got.shape == old.shape and got.shape[1] > 1
+    np.testing.assert_allclose(got**2 * sizes, old, rtol=0,
+                               atol=1e-14 * total.max())  # the running sum's rounding
+    old_rms = np.sqrt(np.maximum(old, 0.0) / sizes)
+    assert data.active_window_starts(audio, params).tolist() == _active_from_rms(old_rms, params)
+    bounds = np.round(np.arange(chunks + 1) * window / chunks).astype(int)
+    exact = [[[math.fsum(np.square(ch[s + a:s + b], dtype=np.float64))
+               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+              for s in range(0, audio.shape[1] - window + 1, step)] for ch in audio]
+    np.testing.assert_allclose(got**2 * sizes, exact, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_nonfinite_sample_drops_only_the_windows_that_hold_it(bad):
+    """A running sum carried one NaN into every later window (96% of a 4-minute stem's); now
+    only the windows containing the sample are lost."""
+    rng = np.random.default_rng(7)
+    audio = (0.1 * rng.standard_normal((2, 30_000))).astype(np.float32)
+    params = data.ActivityParams(window=2000, step=1000)
+    clean = data.active_window_starts(audio, params).tolist()
+    assert len(clean) == 29  # loud noise: every window active
+    at = 5_432
+    audio[1, at] = bad
+    got = data.active_window_starts(audio, params).tolist()
+    assert got == [s for s in clean if not s <= at < s + params.window]
+    assert len(got) == 27
+
+
+def _poison(path, channel, sample, value):
+    """Rewrites a float32 wav with one sample replaced by `value`."""
+    audio = _read_all(path)
+    audio[channel, sample] = value
+    sf.write(str(path), audio.T, 44100, subtype="FLOAT")
+
+
+def test_nan_in_a_training_stem_is_an_error_naming_the_file_and_time(small_root, tmp_path):
+    path = small_root / "train" / "Synthetic - Train 000" / "drums.wav"
+    _poison(path, 0, 12_348, np.nan)
+    config = _config(small_root, segment_seconds=0.1)
+    with pytest.raises(ValueError, match=rf"{path}: 1 non-finite sample\(s\) \(NaN or Inf\), "
+                                         r"the first at 0\.280 s \(sample 12348\)"):
+        data.make_train_dataset(config, small_root, seed=0, cache_dir=tmp_path)
+
+
+def test_nan_in_the_validation_track_names_the_file_not_the_segment_length(small_root, tmp_path):
+    path = small_root / "train" / "Synthetic - Valid 000" / "vocals.wav"
+    _poison(path, 1, 441, np.inf)
+    config = _config(small_root, segment_seconds=0.1)
+    with pytest.raises(ValueError, match=rf"{path}: 1 non-finite .* at 0\.010 s") as e:
+        data.make_validation_set(config, small_root, seed=0, cache_dir=tmp_path)
+    assert "segment_seconds" not in str(e.value)
+
+
+def test_a_track_truncated_in_all_five_files_is_an_error_naming_a_file(small_root):
+    """Cut the same way, the five files still agree in length; only their headers tell."""
+    folder = small_root / "train" / "Synthetic - Train 000"
+    for name in ("mixture", *data.STEMS):
+        wav = folder / f"{name}.wav"
+        wav.write_bytes(wav.read_bytes()[:-4000])  # 500 frames of float32 stereo
+    with pytest.raises(ValueError, match=r"Synthetic - Train 000/mixture\.wav: truncated: its "
+                                         r"header promises 22050 frames \(0\.50 s\) but the "
+                                         r"file holds 21550"):
+        data.list_tracks(small_root, "train")
 
 
 def test_activity_finds_the_silent_vocal_stretches(synthetic_root):

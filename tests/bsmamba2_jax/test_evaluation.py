@@ -104,15 +104,22 @@ def test_evaluate_tracks_scores_reports_and_reuse(test_tracks, tmp_path):
     assert again[0]["usdr"] != pytest.approx(results[0]["usdr"], abs=1e-3)
 
 
-def test_estimate_with_nan_is_a_named_error(test_tracks, tmp_path):
+@pytest.mark.parametrize("dtype,needle,never", [
+    ("float16", r"float16 compute overflowed: evaluate with --dtype=float32", "checkpoint"),
+    ("float32", r"from a finite mixture in float32 compute: its weights", "float16"),
+    (None, r"from a finite mixture: its weights .* another --checkpoint", "float16"),
+])
+def test_estimate_with_nan_is_a_named_error(test_tracks, tmp_path, dtype, needle, never):
+    """A NaN estimate is blamed on float16 overflow only when the model ran in float16."""
     def broken(mixture):
         out = 0.5 * mixture
         out[0, 100] = np.nan
         return out
 
-    with pytest.raises(ValueError, match=r"non-finite samples.*--dtype=float32") as e:
-        evaluation.evaluate_tracks(broken, test_tracks[:1], tmp_path, progress=False)
-    assert test_tracks[0].name in str(e.value)
+    with pytest.raises(ValueError, match=r"non-finite samples.*" + needle) as e:
+        evaluation.evaluate_tracks(broken, test_tracks[:1], tmp_path, compute_dtype=dtype,
+                                   progress=False)
+    assert test_tracks[0].name in str(e.value) and never not in str(e.value)
     assert not list(tmp_path.rglob("*.json"))  # nothing stored for a broken estimate
 
 
@@ -258,9 +265,162 @@ def test_score_track_without_vocals():
     assert r["csdr_accompaniment"] == pytest.approx(20 * np.log10(1 / 0.1), abs=1e-5)
     assert r["silent_seconds"] == 3
     assert r["leakage_db"] == pytest.approx(20 * np.log10(0.1), abs=1e-6)
-    summary = reports.summarize([{"name": "a", **r}, {"name": "b", **r, "csdr": 5.0}])
+    assert r["vocals_silent"] and not r["accompaniment_silent"]
+    voiced = {**r, "name": "b", "csdr": 5.0, "usdr": 7.0, "vocals_silent": False}
+    summary = reports.summarize([{"name": "a", **r}, voiced])
     assert summary["csdr"] == 5.0 and summary["stats"]["csdr"]["n"] == 1
+    assert summary["usdr"] == 7.0 and summary["stats"]["usdr"]["n"] == 1
+    assert summary["stats"]["leakage_db"]["n"] == 2  # leakage is what a silent track measures
     json.dumps(r, allow_nan=False)  # strict JSON: undefined scores are null
+
+
+def _copy_test_tracks(root: Path, dest: Path) -> list[Path]:
+    """The synthetic test track folders copied to `dest` (to break), in name order."""
+    out = []
+    for src in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        (dest / src.name).mkdir(parents=True)
+        for f in src.iterdir():
+            (dest / src.name / f.name).write_bytes(f.read_bytes())
+        out.append(dest / src.name)
+    return out
+
+
+def _write(path: Path, audio: np.ndarray, subtype: str = "FLOAT") -> None:
+    sf.write(str(path), np.asarray(audio, np.float32).T, SAMPLE_RATE, subtype=subtype)
+
+
+def test_silent_reference_vocals_are_named_and_left_out_of_usdr_and_csdr(synthetic_root,
+                                                                         tmp_path):
+    """A track whose vocals.wav is all zeros: its uSDR (about -80 dB, set by the regulariser) is
+    not averaged with the others, its undefined cSDR is not counted, the tables' counts say so,
+    and the notes name the track and how each score treats it."""
+    voiced, silent = _copy_test_tracks(synthetic_root, tmp_path / "data")
+    stems = {s: _read(silent / f"{s}.wav") for s in ("vocals", "drums", "bass", "other")}
+    _write(silent / "vocals.wav", np.zeros_like(stems["vocals"]))
+    _write(silent / "mixture.wav", stems["drums"] + stems["bass"] + stems["other"])
+    results = evaluation.evaluate_tracks(Leaky(0.4), [voiced, silent], tmp_path / "out",
+                                         producer=_producer(0.4), progress=False)
+    by_name = {r["name"]: r for r in results}
+    assert by_name[silent.name]["vocals_silent"] and not by_name[voiced.name]["vocals_silent"]
+    assert by_name[silent.name]["usdr"] < -60  # what the old mean averaged in
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["usdr"] == pytest.approx(by_name[voiced.name]["usdr"])
+    assert summary["csdr"] == pytest.approx(by_name[voiced.name]["csdr"])
+    assert summary["stats"]["usdr"]["n"] == summary["stats"]["csdr"]["n"] == 1
+    assert summary["tracks"] == 2 and summary["stats"]["leakage_db"]["n"] == 2
+    assert summary["checks"]["silent_vocals"] == [silent.name]
+    assert summary["left_out"]["usdr"] == {silent.name: "silent reference vocals"}
+    note = next(n for n in summary["notes"] if n.startswith("Silent reference vocals"))
+    assert silent.name in note and "museval refuses a silent reference" in note
+    assert f"(uSDR {by_name[silent.name]['usdr']:.2f} dB)" in note
+    assert any(n.startswith("cSDR over 1 of 2 track(s)") for n in summary["notes"])
+    row = reports.table2({"m": summary}).splitlines()[2]
+    assert row.endswith("| 2 (uSDR 1, cSDR 1) |"), row
+    # Without silent references every score counts every track and nothing is noted.
+    clean = evaluation.evaluate_tracks(Leaky(0.4), [voiced], tmp_path / "clean",
+                                       producer=_producer(0.4), progress=False)
+    summary = reports.summarize(clean)
+    assert summary["notes"] == [] and reports.track_counts(summary) == "1"
+
+
+def test_mixture_that_is_not_the_sum_of_its_stems_is_named(synthetic_root, tmp_path):
+    """Another track's mixture.wav copied in is named with its residual; a mixture that is the
+    sum of independently 16-bit-rounded stems (MUSDB18-HQ's case) is well inside the
+    tolerance."""
+    first, second = _copy_test_tracks(synthetic_root, tmp_path / "data")
+    (second / "mixture.wav").write_bytes((first / "mixture.wav").read_bytes())
+    # The first track as 16-bit files, the mixture rounded on its own as a studio export would.
+    rng = np.random.default_rng(_seed("pcm16"))
+    stems = {s: _read(first / f"{s}.wav") * rng.uniform(0.1, 0.5)
+             for s in ("vocals", "drums", "bass", "other")}
+    for s, audio in stems.items():
+        _write(first / f"{s}.wav", audio, "PCM_16")
+    _write(first / "mixture.wav", sum(stems.values()), "PCM_16")
+    results = evaluation.evaluate_tracks(Leaky(0.4), [first, second], tmp_path / "out",
+                                         producer=_producer(0.4), progress=False)
+    ok, bad = results
+    assert not ok["mixture_mismatch"] and ok["mixture_residual_db"] < -60
+    assert bad["mixture_mismatch"] and bad["mixture_residual_db"] > -10
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["checks"]["mixture_mismatch"]) == [second.name]
+    note = next(n for n in summary["notes"] if n.startswith("mixture.wav is not the sum"))
+    assert second.name in note and first.name not in note and "tolerance -40 dB" in note
+    assert f"{bad['mixture_residual_db']:.2f} dB" in note
+
+
+def test_nan_in_a_reference_or_mixture_names_the_file_before_the_model_runs(synthetic_root,
+                                                                             tmp_path):
+    track, _ = _copy_test_tracks(synthetic_root, tmp_path / "data")
+    for stem in ("vocals", "mixture", "bass"):
+        clean = (track / f"{stem}.wav").read_bytes()
+        audio = _read(track / f"{stem}.wav")
+        audio[1, 2 * SAMPLE_RATE + 441] = np.nan if stem != "bass" else np.inf
+        _write(track / f"{stem}.wav", audio)
+        sep = Leaky()
+        with pytest.raises(ValueError) as e:
+            evaluation.evaluate_tracks(sep, [track], tmp_path / "out", progress=False)
+        assert str(e.value).startswith(f"{track / stem}.wav: 1 non-finite sample(s)")
+        assert "the first at 2.010 s" in str(e.value) and "float16" not in str(e.value)
+        assert sep.calls == 0 and not list((tmp_path / "out").rglob("*.json"))
+        (track / f"{stem}.wav").write_bytes(clean)
+
+
+def test_evaluate_py_reports_a_bad_track_file_in_one_line(synthetic_root, tmp_path):
+    """evaluate.py with a NaN in a test stem: one line naming the file, no traceback."""
+    root = tmp_path / "root"
+    for sub in ("train", "test"):
+        (root / sub).mkdir(parents=True)
+    for src in (synthetic_root / "train").iterdir():
+        (root / "train" / src.name).symlink_to(src)
+    (root / "musdb_setup.yaml").write_bytes((synthetic_root / "musdb_setup.yaml").read_bytes())
+    (track,) = _copy_test_tracks(synthetic_root, root / "test")[:1]
+    for extra in sorted((root / "test").iterdir())[1:]:
+        for f in extra.iterdir():
+            f.unlink()
+        extra.rmdir()
+    audio = _read(track / "vocals.wav")
+    audio[0, 3 * SAMPLE_RATE] = np.nan
+    _write(track / "vocals.wav", audio)
+    model_file = _model_file(tmp_path / "m.msgpack", 1)
+    cmd = [sys.executable, str(REPO / "evaluate.py"), "--config=configs/bsmamba2.py:tiny",
+           f"--workdir={tmp_path / 'run'}", f"--checkpoint={model_file}",
+           f"--config.data.root={root}", "--noprogress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if f"{track}/vocals.wav" in line]
+    assert len(errors) == 1 and "the first at 3.000 s" in errors[0], out.stderr[-2000:]
+
+
+def test_result_files_never_share_a_temporary_name(test_tracks, tmp_path):
+    """Two evaluations writing the same results at once: each writes its own temporary file
+    (the one another process has in flight, here planted by hand, is never written into or
+    renamed away), and a failed write leaves the old file and no temporary behind."""
+    results = evaluation.evaluate_tracks(Leaky(0.4), test_tracks[:1], tmp_path,
+                                         producer=_producer(0.4), progress=False)
+    planted = {}
+    for name in ("summary.json", "scores.csv", "onset.csv", "onset.json"):
+        planted[tmp_path / f"{name}.tmp"] = f"another process's half-written {name}"
+    planted[tmp_path / "audio.wav.tmp"] = "another process's half-written audio"
+    for path, text in planted.items():
+        path.write_text(text)
+    reports.write_run_reports(results, tmp_path)
+    estimate = (0.4 * _read(test_tracks[0].paths["mixture"])).astype(np.float32)
+    eval_io.write_audio(tmp_path / "audio.wav", estimate)
+    for path, text in planted.items():
+        assert path.read_text() == text, path
+    np.testing.assert_array_equal(_read(tmp_path / "audio.wav"), estimate)
+    assert json.loads((tmp_path / "summary.json").read_text())["tracks"] == 1
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(ValueError):
+        eval_io.write_json(tmp_path / "summary.json", {"usdr": float("nan")})  # strict JSON
+    with pytest.raises(ValueError):
+        eval_io.write_audio(tmp_path / "audio.wav", estimate, subtype="NO_SUCH_SUBTYPE")
+    assert (tmp_path / "summary.json").read_text() == before
+    np.testing.assert_array_equal(_read(tmp_path / "audio.wav"), estimate)
+    leftovers = {p for p in tmp_path.iterdir() if p.name.endswith(".tmp")} - set(planted)
+    assert not leftovers
 
 
 # ----------------------------------------------------------------------------- evaluate.py
