@@ -31,7 +31,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from bsmamba2_jax.separate_cli import FORMATS, STEMS, SeparationError
-from bsmamba2_jax.serve.jobs import Job, JobQueue
+from bsmamba2_jax.serve.jobs import Job, JobQueue, display_name
 
 # The page's files: name -> media type. Read once from the package; nothing from the internet.
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -54,8 +54,8 @@ def _error(status: int, text: str) -> JSONResponse:
     return JSONResponse({"error": text}, status_code=status)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"
 
 
 def _static_files() -> dict[str, bytes]:
@@ -124,15 +124,15 @@ def build_app(jobs: JobQueue, *, description: str, max_upload: int, default_form
         fmt = request.query_params.get("format", default_format)
         if fmt not in FORMATS:
             return _error(400, f"format={fmt[:MAX_ID_ECHO]!r} is not one of {sorted(FORMATS)}")
-        name = request.query_params.get("name", "upload")
+        name = display_name(request.query_params.get("name"))
         if request.headers.get("content-type", "").startswith("multipart/"):
             return _error(415, "send the audio file itself as the request body, not a form: "
                                "curl --data-binary @song.wav 'http://HOST/api/jobs?name=song.wav'")
-        limit = (f"over this server's upload limit of {_mib(max_upload)} (bsmamba2-serve "
-                 "--max-upload-mb)")
+        limit = (f"over this server's upload limit of {_size(max_upload)}; a larger file needs "
+                 "bsmamba2-serve --max-upload-mb")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload:
-            return _error(413, f"{name}: {_mib(int(declared))} is {limit}")
+            return _error(413, f"{name}: {_size(int(declared))} is {limit}")
         try:
             job = jobs.new_job(name, fmt)
         except RuntimeError as e:
@@ -151,7 +151,7 @@ def build_app(jobs: JobQueue, *, description: str, max_upload: int, default_form
             await anyio.to_thread.run_sync(jobs.start, job)
         except _TooLarge:
             jobs.discard(job)
-            return _error(413, f"{job.name}: more than {_mib(max_upload)}, {limit}")
+            return _error(413, f"{name}: more than {_size(max_upload)} is {limit}")
         except ClientDisconnect:
             jobs.discard(job)
             return _error(400, f"{job.name}: the upload was cut off")
@@ -161,6 +161,9 @@ def build_app(jobs: JobQueue, *, description: str, max_upload: int, default_form
         except RuntimeError as e:  # shutting down
             jobs.discard(job)
             return _error(503, str(e))
+        except BaseException:
+            jobs.discard(job)
+            raise
         return JSONResponse(view(job), status_code=201,
                             headers={"location": f"/api/jobs/{job.id}"})
 

@@ -10,7 +10,7 @@ let settings = null; // GET /api/info
 const $ = (selector) => document.querySelector(selector);
 
 function mib(bytes) {
-  return `${(bytes / 2 ** 20).toFixed(bytes < 2 ** 20 ? 2 : 0)} MiB`;
+  return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 }
 
 function seconds(s) {
@@ -130,7 +130,7 @@ function submit(file) {
   const li = newCard(file.name);
   if (settings && file.size > settings.max_upload_bytes) {
     fail(li, `${file.name}: ${mib(file.size)} is over this server's upload limit of ` +
-      `${mib(settings.max_upload_bytes)} (bsmamba2-serve --max-upload-mb)`);
+      `${mib(settings.max_upload_bytes)}; a larger file needs bsmamba2-serve --max-upload-mb`);
     return;
   }
   const query = new URLSearchParams({ name: file.name, format: $("#format").value });

@@ -191,12 +191,15 @@ def test_upload_size_limit(server):
     assert at_limit.status == 422 and "cannot read it as audio" in at_limit.json()["error"]
     over = _submit(server, b"\x01" * (limit + 1), "big.wav")
     assert over.status == 413
-    assert over.json()["error"] == ("big.wav: 1 MiB is over this server's upload limit of 1 MiB "
-                                    "(bsmamba2-serve --max-upload-mb)")
+    assert over.json()["error"] == (
+        "big.wav: 1.0 MiB (1048577 bytes) is over this server's upload limit of 1.0 MiB "
+        "(1048576 bytes); a larger file needs bsmamba2-serve --max-upload-mb")
     streamed = _request(server, "POST", "/api/jobs?name=stream.wav",
                         iter([b"\x02" * 2**16] * (limit // 2**16 + 1)),
                         {"Content-Type": "application/octet-stream"}, chunked=True)
-    assert streamed.status == 413 and "stream.wav: more than 1 MiB" in streamed.json()["error"]
+    assert streamed.status == 413
+    assert streamed.json()["error"].startswith("stream.wav: more than 1.0 MiB (1048576 bytes) is "
+                                               "over this server's upload limit")
     assert _job_folders(server) == before
 
 
@@ -311,9 +314,9 @@ def _song(seconds: float) -> np.ndarray:
 
 
 def test_the_page_in_chromium(server, browser, tmp_path):
-    """Choose a song and a bad file on the page: the song's job runs and ends with two players
-    that decode and two downloads of the input's length and rate; the bad file's error is on
-    the page in words."""
+    """Choose a song, a file that is not audio and one over the upload limit on the page: the
+    song's job runs and ends with two players that decode and two downloads of the input's
+    length and rate; the other two files' errors are on the page in words."""
     from selenium.webdriver.common.by import By
 
     x = _song(2.5)
@@ -321,6 +324,8 @@ def test_the_page_in_chromium(server, browser, tmp_path):
     sf.write(str(song), x.T, 44100, subtype="FLOAT")
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 40)
+    big = tmp_path / "big.wav"
+    sf.write(str(big), _song(3.5).T, 44100, subtype="FLOAT")  # 1.2 MiB: over the limit
     browser.get(f"http://{server.host}:{server.port}/")
     wait_for(lambda: browser.execute_script("return document.body.dataset.ready"), HTTP,
              "the page to load the server's settings")
@@ -329,7 +334,7 @@ def test_the_page_in_chromium(server, browser, tmp_path):
                                                                        "#format option")]
     assert sorted(options) == ["flac", "wav", "wav16", "wav24"]
     chooser = browser.find_element(By.ID, "files")
-    chooser.send_keys(f"{song}\n{bad}")
+    chooser.send_keys(f"{song}\n{bad}\n{big}")
 
     def card(name: str) -> Any:
         for li in browser.find_elements(By.CSS_SELECTOR, "#jobs .job"):
@@ -341,6 +346,11 @@ def test_the_page_in_chromium(server, browser, tmp_path):
                       and c, JOB, "the bad file's error")
     error = failed.find_element(By.CSS_SELECTOR, ".error").text
     assert error.startswith("bad.wav: ") and "cannot read it as audio" in error, error
+    too_big = wait_for(lambda: (c := card("big.wav")) and c.get_attribute("data-state")
+                       == "failed" and c, HTTP, "the big file's error")
+    assert too_big.find_element(By.CSS_SELECTOR, ".error").text == (
+        "big.wav: 1.2 MiB is over this server's upload limit of 1.0 MiB; a larger file needs "
+        "bsmamba2-serve --max-upload-mb")
     done = wait_for(lambda: (c := card("my song.wav")) and c.get_attribute("data-state") == "done"
                     and c, JOB, "the song's job to be done")
     assert "done: 2.5 s at 44100 Hz" in done.find_element(By.CSS_SELECTOR, ".state").text
@@ -375,7 +385,7 @@ def test_the_page_in_chromium(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "page.png"))
     # Remove both cards: the job and its files are gone from the server.
     job_id = done.get_attribute("data-job-id")
-    for li in (done, failed):
+    for li in (done, failed, too_big):
         li.find_element(By.CSS_SELECTOR, ".remove").click()
     wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, "#jobs .job"), HTTP,
              "the cards to go")
