@@ -34,12 +34,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bsmamba2_jax import audio_files
 from bsmamba2_jax.data.musdb import SAMPLE_RATE
+
+if TYPE_CHECKING:  # imported where used: it imports JAX, which takes seconds
+    from bsmamba2_jax.inference import SegmentPlan
 
 MODEL_ENV = "BSMAMBA2_MODEL"
 # --format -> (soundfile format, subtype, file extension)
@@ -475,16 +478,29 @@ def output_paths(inputs: Sequence[Path], out_dir: Path, fmt: str
     return out
 
 
+def segment_plan(separator: Separator, info: InputInfo) -> SegmentPlan:
+    """How `separate_file` cuts this input (at the model's rate); progress counts `count`."""
+    from bsmamba2_jax import inference
+
+    length = resampled_length(info.frames, info.rate, separator.rate)
+    return inference.plan_segments(length, separator.segment, separator.overlap)
+
+
 def separate_file(separator: Separator, info: InputInfo, paths: dict[str, Path], fmt: str,
-                  progress: bool = False) -> FileResult:
-    """Separates one scanned input into its two output files (written only when complete)."""
+                  progress: bool = False, on_batch: Callable[[int], None] | None = None
+                  ) -> FileResult:
+    """Separates one scanned input into its two output files (written only when complete).
+
+    on_batch: called with the number of segments of each batch once it is separated (of
+    `segment_plan(...).count`); an exception it raises stops the file, whose outputs are then
+    removed.
+    """
     from tqdm import tqdm
 
     from bsmamba2_jax import inference
 
     start = time.perf_counter()
-    length = resampled_length(info.frames, info.rate, separator.rate)
-    plan = inference.plan_segments(length, separator.segment, separator.overlap)
+    plan = segment_plan(separator, info)
     folder = paths["vocals"].parent
     made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -493,8 +509,13 @@ def separate_file(separator: Separator, info: InputInfo, paths: dict[str, Path],
         writer = OutputWriter(info, paths, fmt, separator.rate)
         with tqdm(total=plan.count, unit="seg", leave=False, disable=not progress,
                   dynamic_ncols=True, desc=info.path.name) as bar:
+            def advance(real: int) -> None:
+                bar.update(real)
+                if on_batch is not None:
+                    on_batch(real)
+
             inference.separate_stream(separator.fn, model_input(info, separator.rate), plan,
-                                      separator.batch_size, writer, on_batch=bar.update)
+                                      separator.batch_size, writer, on_batch=advance)
         warnings = writer.commit()
     except BaseException:
         if writer is not None:
@@ -602,13 +623,9 @@ def _overlap(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bsmamba2-separate",
-        description="Split songs into vocals and accompaniment with a BSMamba2 model.")
-    parser.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg, ...)")
-    parser.add_argument("-o", "--output", required=True,
-                        help="output folder (created if missing); each input gets OUTPUT/<name>/")
+def add_separation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and separation flags, shared by every command that separates: --checkpoint,
+    --weights, --dtype, --format, --segment-seconds, --overlap, --batch-size, --nonfinite."""
     parser.add_argument("--checkpoint", default=os.environ.get(MODEL_ENV),
                         help="model file from `python -m bsmamba2_jax.export`, a train.py workdir "
                              f"or a checkpoint step directory (default: ${MODEL_ENV})")
@@ -632,6 +649,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nonfinite", choices=NONFINITE, default="error",
                         help="input samples that are NaN or Inf: error (default) fails that "
                              "file; zero replaces them by zeros with a warning")
+
+
+def check_model_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits through `parser.error` (status 2) when --checkpoint is missing or names nothing."""
+    if not args.checkpoint:
+        parser.error(f"no model: pass --checkpoint MODEL_FILE or set ${MODEL_ENV} (make one "
+                     "with `python -m bsmamba2_jax.export WORKDIR model.msgpack`)")
+    if not Path(args.checkpoint).exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
+
+
+def separator_from_args(args: argparse.Namespace) -> Separator:
+    """`load_separator` with the flags of `add_separation_arguments`."""
+    return load_separator(args.checkpoint, weights=args.weights, dtype=args.dtype,
+                          segment_seconds=args.segment_seconds, overlap=args.overlap,
+                          batch_size=args.batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bsmamba2-separate",
+        description="Split songs into vocals and accompaniment with a BSMamba2 model.")
+    parser.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg, ...)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (created if missing); each input gets OUTPUT/<name>/")
+    add_separation_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -639,23 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.checkpoint:
-        parser.error(f"no model: pass --checkpoint MODEL_FILE or set ${MODEL_ENV} (make one "
-                     "with `python -m bsmamba2_jax.export WORKDIR model.msgpack`)")
-    if not Path(args.checkpoint).exists():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
+    check_model_argument(parser, args)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"-o {out_dir} is a file; give a folder (created if missing)")
-
-    def load() -> Separator:
-        return load_separator(args.checkpoint, weights=args.weights, dtype=args.dtype,
-                              segment_seconds=args.segment_seconds, overlap=args.overlap,
-                              batch_size=args.batch_size)
-
     try:
-        results = run(args.inputs, out_dir, load, fmt=args.format, nonfinite=args.nonfinite,
-                      progress=not args.no_progress)
+        results = run(args.inputs, out_dir, lambda: separator_from_args(args), fmt=args.format,
+                      nonfinite=args.nonfinite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

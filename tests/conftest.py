@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic MUSDB18-HQ-shaped dataset.
+"""Shared fixtures: a small synthetic MUSDB18-HQ-shaped dataset; a headless browser.
 
 `synthetic_root` has the sizes of the `tiny` data config (configs/bsmamba2.py): ROOT/train holds
 3 training tracks and 1 validation track, ROOT/test 2 tracks, 6 s each, seed 0, float32 wavs.
@@ -39,3 +39,16 @@ def synthetic_root(tmp_path_factory):
 
     return synthetic.generate_dataset(tmp_path_factory.mktemp("synthetic") / "root",
                                       **SYNTHETIC_SIZES)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (a Selenium WebDriver, tests/browser.py) with a fresh profile; its
+    downloads land in tmp_path / "downloads". Skips, saying why, where there is none."""
+    from tests import browser as chromium
+
+    reason = chromium.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with chromium.chromium(tmp_path / "profile", tmp_path / "downloads") as driver:
+        yield driver
