@@ -214,7 +214,7 @@ def _check_nothing_lost(workdir: Path, configs: list[ml_collections.ConfigDict])
                          f"{', '.join(map(str, steps))}")
     resumed = [p.name for p in _config_files(workdir) if p.name != ckpt_lib.CONFIG_JSON]
     if resumed:
-        found.append(f"{', '.join(resumed)} (configs of resumes)")
+        found.append(f"{', '.join(resumed)} (written by resumes)")
     evaluated = _holds_something(workdir / "eval")
     if evaluated:
         found.append("eval/ holds evaluation results")
@@ -235,7 +235,6 @@ def _check_nothing_lost(workdir: Path, configs: list[ml_collections.ConfigDict])
                 "over; deletes nothing)")
     other = "pass another --workdir"
     if best:
-        name, steps = next(iter(best.items()))
         other += f" (with --config.init_from={workdir} to start from its best weights)"
     ways.append(other)
     raise ValueError(
