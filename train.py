@@ -9,7 +9,9 @@
 A workdir holding a run resumes it from its newest readable checkpoint; its config may change
 only in resumable fields (bsmamba2_jax/train/config_check.py: RESUMABLE), any other change is an
 error that names the fields. --restart moves the old run aside into WORKDIR/previous_runs/ and
-starts over (nothing is deleted). SIGTERM/SIGINT save a checkpoint and exit 0.
+starts over (nothing is deleted). SIGTERM/SIGINT save a checkpoint and exit 0. One launch at a
+time writes into a workdir (WORKDIR/run.lock, bsmamba2_jax/train/lock.py); evaluating it meanwhile
+is fine.
 Multi-process (one process per host or per GPU): pass --coordinator_address, --num_processes and
 --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); under SLURM
 (`srun`, more than one task) JAX detects them itself. Every process runs this same command.
@@ -34,6 +36,7 @@ from ml_collections import config_flags
 from bsmamba2_jax import data as data_lib
 from bsmamba2_jax.train import checkpoint as ckpt_lib
 from bsmamba2_jax.train import config_check
+from bsmamba2_jax.train import lock as lock_lib
 from bsmamba2_jax.train import sharding as shard_lib
 from bsmamba2_jax.train import workdir as workdir_lib
 from bsmamba2_jax.train.build import ShardedParts, TrainParts, build, shard
@@ -116,6 +119,38 @@ def check_launch(config: ml_collections.ConfigDict, workdir: Path, restart: bool
     """Config values and what this launch does with the workdir; writes nothing."""
     config_check.check_config(config, jax.process_count())
     return workdir_lib.check_launch(workdir, config, restart)
+
+
+def lock_workdir(workdir: Path) -> lock_lib.WorkdirLock:
+    """Process 0 locks the workdir for the run; the other processes of a multi-process run
+    trust it (they are one run). Every process raises when process 0 could not lock it."""
+    lock, error = lock_lib.WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except ValueError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            error = ValueError(f"--workdir={workdir}: process 0 could not lock it (its log "
+                               "says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def check_total_steps(config: ml_collections.ConfigDict, step: int) -> None:
+    """A resumed run at or past config.total_steps has nothing to train: below is an error
+    (the fix named), equal a warning (a finished run launched again)."""
+    if step > config.total_steps:
+        raise ValueError(f"config.total_steps={config.total_steps} is below the step this run "
+                         f"resumes at ({step}): there is nothing to train. Pass "
+                         f"--config.total_steps=N with N > {step} to train on, evaluate or "
+                         "export the run as it is, or pass --restart to start over")
+    if step == config.total_steps and step > 0:
+        logging.warning("The run is already at step %d = config.total_steps: nothing to train "
+                        "(pass --config.total_steps=N with N > %d to train on)", step, step)
 
 
 def build_run(config: ml_collections.ConfigDict) -> tuple[TrainParts, ShardedParts]:
@@ -288,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """Trains (or resumes) to config.total_steps; returns the last validation metrics.
 
     Everything that can fail on bad input (config values, the workdir's run, the model, the
-    init_from weights, the data) is checked before the workdir is written to.
+    init_from weights) is checked before the workdir is written to; the first write takes the
+    workdir's lock, which is held until the end.
     """
     workdir = Path(workdir).absolute()
     plan = check_launch(config, workdir, restart)
@@ -296,8 +332,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     has_checkpoint = plan.resume and ckpt_lib.step_numbers(workdir / ckpt_lib.CHECKPOINTS)
     init_weights = (load_init_weights(config, parts)
                     if config.init_from and not has_checkpoint else None)
-    data_iter, val_set = prepare_data(config, workdir)
+    lock = lock_workdir(workdir)
+    try:
+        if check_launch(config, workdir, restart) != plan:
+            raise ValueError(f"--workdir={workdir} changed while this launch was starting "
+                             "(another process wrote into it); launch again")
+        return _train_locked(config, workdir, plan, parts, run, init_weights)
+    finally:
+        lock.release()
 
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: Path,
+                  plan: workdir_lib.LaunchPlan, parts: TrainParts, run: ShardedParts,
+                  init_weights: tuple[Any, Any] | None) -> dict:
+    """The part of `train_and_evaluate` that writes into the workdir, under its lock."""
+    data_iter, val_set = prepare_data(config, workdir)
     if plan.restart and jax.process_index() == 0:
         workdir_lib.move_run_aside(workdir)
     _barrier("launch checked")
@@ -307,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     try:
         state = restore_or_init(config, parts, run, checkpointer, data_iter, init_weights)
         step = int(state.step)
+        check_total_steps(config, step)
         if jax.process_index() == 0:
             workdir_lib.record_config(workdir, config, plan, step)
             workdir_lib.drop_metrics_after(workdir, step)

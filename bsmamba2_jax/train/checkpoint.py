@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,27 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fix(d))
 
 
+def read_config_json(path: Path) -> ml_collections.ConfigDict:
+    """A run config saved as JSON (config.json, config.<step>.json).
+
+    Raises ValueError naming the file when it is not UTF-8 JSON holding an object, with the
+    fix: every checkpoint step keeps its own copy of the config.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+        problem = None if isinstance(data, dict) else f"JSON {type(data).__name__}, not an object"
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text: {e.reason} at byte {e.start}"
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    if problem:
+        raise ValueError(
+            f"{path} is not a readable run config ({problem}). Restore it (every checkpoint "
+            f"step keeps a copy of its config: {CHECKPOINTS}/<step>/config/metadata), or move "
+            "it aside: the run's config is then read from its newest checkpoint")
+    return config_from_dict(data)
+
+
 def _short(e: BaseException) -> str:
     """One line for a log: the exception type and the first line of its message."""
     text = str(e).strip().splitlines()
@@ -88,6 +110,39 @@ def move_aside(step_dir: Path) -> Path:
         n += 1
     step_dir.rename(dest)
     return dest
+
+
+def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"params/Dense_0/kernel": shape} of the leaves of nested dicts (arrays, shape structs or
+    Orbax array metadata: anything with a `.shape`)."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_shapes(v, f"{prefix}{k}/"))
+        return out
+    return {prefix[:-1]: tuple(getattr(tree, "shape", ()))}
+
+
+def model_mismatch(step_dir: Path, params: Any, ema_params: Any) -> str | None:
+    """How the weights saved in a resume step differ from the model's, or None.
+
+    params, ema_params: the model's (abstract) trees. Compares the saved array shapes (from
+    the step's metadata, no array is read) with them: a difference means the launch builds
+    another model than the one saved (its config or the code changed), which is no damage of
+    the step. None also when the metadata cannot be read: restoring will tell.
+    """
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            saved = {"params": ckptr.metadata(step_dir / "train_state").item_metadata.tree[
+                "params"], "ema_params": ckptr.metadata(step_dir / "ema_params").item_metadata.tree}
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, found by the restore
+        return None
+    have, want = _shapes(saved), _shapes({"params": params, "ema_params": ema_params})
+    for name in sorted(have.keys() | want.keys()):
+        if have.get(name) != want.get(name):
+            return (f"{name} is {have.get(name, 'missing')} there, the model built from this "
+                    f"launch's config has {want.get(name, 'no such parameter')}")
+    return None
 
 
 def _barrier(name: str) -> None:
@@ -205,7 +260,9 @@ class Checkpointer:
         `data_iter` is set to the saved position in place. Returns None when there is nothing
         to resume from. A step that fails to restore (truncated, hand-edited, ...) is moved
         aside to `<step>.damaged-<n>` with a warning and the next older one is tried; when
-        steps exist but none is readable, raises CheckpointError naming the folder. A
+        steps exist but none is readable, raises CheckpointError naming the folder. A step whose
+        saved shapes differ from `abstract_state`'s is another model, not damage: CheckpointError
+        naming the first differing parameter, nothing moved. A
         checkpoint written by a different number of processes restores the model and optimizer
         but not the data position (Grain keeps one iterator state per process): the data stream
         restarts, with a warning.
@@ -214,6 +271,13 @@ class Checkpointer:
         folder = Path(self.latest.directory)
         moved = []
         for step in sorted(self.latest.all_steps(), reverse=True):
+            mismatch = model_mismatch(folder / str(step), rest["params"], ema)
+            if mismatch:
+                raise CheckpointError(
+                    f"Checkpoint step {step} in {folder} holds another model: {mismatch}. The "
+                    "step is not damaged and was left as it is. Launch with the run's model "
+                    f"config (saved in {folder / str(step) / 'config' / 'metadata'}), or pass "
+                    "--restart (moves this run aside) or another --workdir to train this one")
             try:
                 return self._restore_step(step, rest, ema, data_iter)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
@@ -356,12 +420,17 @@ def _restore_numpy(item: Path, subtree: str | None = None) -> Any:
     return restored if subtree is None else restored[subtree]
 
 
+def step_config(step_dir: Path) -> ml_collections.ConfigDict:
+    """The config a step directory was saved with (its `config` item)."""
+    return config_from_dict(_read_json_item(step_dir / "config"))
+
+
 def run_config_of(step_dir: Path) -> ml_collections.ConfigDict:
+    """The step's own config; for steps saved without one, the workdir's config.json."""
     try:
-        return config_from_dict(_read_json_item(step_dir / "config"))
+        return step_config(step_dir)
     except FileNotFoundError:
-        workdir = step_dir.parent.parent
-        return config_from_dict(json.loads((workdir / CONFIG_JSON).read_text()))
+        return read_config_json(step_dir.parent.parent / CONFIG_JSON)
 
 
 def _read_step(step_dir: Path, weights: str) -> tuple[Any, ml_collections.ConfigDict]:

@@ -121,13 +121,18 @@ def test_selection_keeps_the_best_and_loading_picks_them(tmp_path):
         load_params(tmp_path, select="best")
 
 
-def test_damaged_newest_step_is_moved_aside_and_its_number_reused(tmp_path, caplog):
-    config = get_config("tiny")
-    ckpt = Checkpointer(tmp_path, config)
-    for step in (3, 6):
+def save_steps(workdir, config, steps=(3, 6)) -> None:
+    """Resume checkpoints of `small_state(step, step)` at each step."""
+    ckpt = Checkpointer(workdir, config)
+    for step in steps:
         ckpt.save(step, small_state(step, step), data_iter(), force=True)
         ckpt.wait()
     ckpt.close()
+
+
+def test_damaged_newest_step_is_moved_aside_and_its_number_reused(tmp_path, caplog):
+    config = get_config("tiny")
+    save_steps(tmp_path, config)
     damage(tmp_path / "checkpoints" / "6")
 
     ckpt = Checkpointer(tmp_path, config)
@@ -157,6 +162,29 @@ def test_no_readable_step_is_one_error_naming_the_folder(tmp_path):
     ckpt = Checkpointer(tmp_path, config)
     with pytest.raises(CheckpointError, match=r"checkpoints: every step.*3\.damaged-1.*--restart"):
         ckpt.restore_latest(abstract(small_state(0)), fresh_iter())
+    ckpt.close()
+
+
+def test_a_step_of_another_model_is_an_error_and_stays_where_it_is(tmp_path):
+    """A launch whose model differs from the saved one (its config or the code changed) is no
+    damage of the checkpoints: nothing is moved aside."""
+    config = get_config("tiny")
+    save_steps(tmp_path, config)
+    other = small_state(0)
+    other.params["params"]["w"] = jnp.zeros((5, 3))
+    other.ema_params["params"]["w"] = jnp.zeros((5, 3))
+    ckpt = Checkpointer(tmp_path, config)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_latest(abstract(other), fresh_iter())
+    ckpt.close()
+    message = str(e.value)
+    assert "Checkpoint step 6" in message and "holds another model" in message
+    assert "params/params/w is (4, 3) there" in message and "has (5, 3)" in message
+    assert "--restart" in message and "another --workdir" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+    # The right model still restores the newest step.
+    ckpt = Checkpointer(tmp_path, config)
+    assert int(ckpt.restore_latest(abstract(small_state(0)), fresh_iter()).step) == 6
     ckpt.close()
 
 

@@ -1,5 +1,6 @@
-"""`train_and_evaluate` called in this process on the tiny config: a short run, then a fine-tune
-run started from its weights (`config.init_from`)."""
+"""`train_and_evaluate` called in this process on the tiny config: a short run, a resume with
+`total_steps` at or below its step, then a fine-tune run started from its weights
+(`config.init_from`)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def test_train_and_evaluate_in_process(first_run):
     raw, _, step = load_params(workdir, "raw")
     ema, _, _ = load_params(workdir, "ema")
     assert step == 4 and max_abs_diff(raw, ema) > 1e-6
+
+
+@pytest.mark.slow
+def test_total_steps_at_or_below_the_runs_step(first_run, synthetic_root, caplog):
+    """Below: an error naming the flag and the fix, nothing recorded. Equal (a finished run
+    launched again): says so and trains nothing."""
+    workdir, _ = first_run
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"config.total_steps=2 is below the step this run "
+                                         r"resumes at \(4\).*--config.total_steps=N with N > 4"):
+        train_and_evaluate(run_config(synthetic_root, 2), workdir)
+    with caplog.at_level(logging.WARNING):
+        assert train_and_evaluate(run_config(synthetic_root, 4), workdir) == {}
+    assert "already at step 4 = config.total_steps: nothing to train" in caplog.text
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before  # no config.4.json, no metrics, no checkpoint
+    assert after[workdir / "run.lock"] == b""  # taken and released
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """train.py end to end on the tiny config: SIGKILL then resume is bit-identical, metrics are not
-repeated, damaged and half-written checkpoints, an incompatible resume, SIGTERM.
+repeated, damaged and half-written checkpoints, an incompatible resume, SIGTERM, a second launch
+on a running workdir.
 
 Every run is a fresh `python train.py` process (as a user runs it); they share one persistent
 compilation cache so only the first run compiles.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +150,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, synthetic_root, compile_cach
     before = snapshot(resumed)
     log = train(resumed, synthetic_root, 9, compile_cache, "--config.model.dim=64",
                 returncode=2)
-    assert "model.dim: 32 (run) -> 64 (this launch)" in log and "--restart" in log
+    assert re.search(r"model\.dim: 32 \(config\S*\.json, checkpoints/7, checkpoints/6, "
+                     r"checkpoints/3\) -> 64 \(this launch\)", log) and "--restart" in log
     assert "Traceback" not in log
     assert snapshot(resumed) == before
 
@@ -164,6 +167,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synthetic_root, compile_cache
         lines.append(line)
         if "step 2/10000" in line or time.time() > deadline:
             break
+    # A second launch on the running workdir, training or --restart, is refused by the lock.
+    config_json = (workdir / "config.json").read_bytes()
+    for extra in ((), ("--restart",)):
+        log = train(workdir, synthetic_root, 10_000, compile_cache, *extra, returncode=2)
+        assert f"is in use by pid {proc.pid} on host" in log and "Traceback" not in log
+    assert not (workdir / "previous_runs").exists()  # --restart moved nothing aside
+    assert (workdir / "config.json").read_bytes() == config_json
     proc.send_signal(signal.SIGTERM)
     _, rest = proc.communicate(timeout=300)
     log = "".join(lines) + rest
