@@ -158,9 +158,12 @@ def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) 
 
     weights: "ema" or "raw"; None: EMA for a training checkpoint, raw (the published state_dict,
       as `bsmamba2_jax.convert`) for a PyTorch file.
+    Raises OutputPathError (before reading anything) when `out` is the checkpoint or lies in a
+    run (`write_guard.check_output`), WriteError when `out` cannot be written.
     """
     from bsmamba2_jax.loading import read_weights
 
+    check_output(out, [checkpoint], name="OUT")
     params, config = read_weights(checkpoint, weights)
     extra = {"step": config["step"], "weights": config["weights"]}
     if "checkpoint" in config:  # what bsmamba2_jax.convert records for a PyTorch file
@@ -185,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir():
         parser.error(f"{out} is a folder; give a file name such as {out / 'bsmamba2.msgpack'}")
     try:
-        check_output(out, [args.checkpoint], name="OUT")
+        path = export(args.checkpoint, out, args.weights)
     except OutputPathError as e:
         parser.error(str(e))
-    try:
-        path = export(args.checkpoint, out, args.weights)
     except (OSError, ValueError) as e:  # OSError: FileNotFoundError, a failed write
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,8 +15,9 @@ work. What it protects, for each path the command reads:
     run's `eval/` folder is the one exception: evaluation results belong there (evaluate.py
     writes them, `--restart` moves them aside with the run);
   - any other folder: the folder.
-An output must not be an input, must not lie inside a protected folder, and (when it is written
-as a whole, a file or a folder the command fills) must not hold an input.
+An output must not be an input, must not lie inside a protected folder, nor inside any train.py
+run that has saved a step (read by this command or not; its `eval/` excepted), and (when it is
+written as a whole, a file or a folder the command fills) must not hold an input.
 
 Writing itself: `write_error` turns the OSError of a failed write into a `WriteError` whose one
 line names the file, says when the disk is full, and what to do.
@@ -66,6 +67,16 @@ def run_of(folder: str | Path) -> Path | None:
     return None
 
 
+def _run_around(path: Path) -> Path | None:
+    """The train.py run that a resolved `path` lies in, read or not: the nearest folder above it
+    holding both the run's config.json and its checkpoints/ (a run that has saved a step)."""
+    config_json, step_folders = _run_layout()
+    for candidate in path.parents:
+        if (candidate / config_json).is_file() and (candidate / step_folders[0]).is_dir():
+            return candidate
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Area:
     """A folder that reading `given` protects."""
@@ -73,7 +84,7 @@ class _Area:
     folder: Path  # resolved
     what: str  # "the train.py run" or "the input folder"
     allowed: Path | None  # the part of it outputs may go to (a run's eval/)
-    given: Path  # the read path as the user gave it
+    given: Path | None  # the read path as the user gave it; None: a run the output lands in
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -136,16 +147,22 @@ class OutputGuard:
         if same is not None:
             raise OutputPathError(f"{name} {out} is the input {same}: inputs are never "
                                   "overwritten; write the output elsewhere")
-        for area in self._areas:
+        # Any run's config and checkpoints are train.py's alone, whether this command reads
+        # them or not (`convert IN.ckpt RUN/config.json` would end that run too).
+        around = _run_around(target)
+        landed = [] if around is None else [_Area(around, "the train.py run",
+                                                  around / RESULTS_FOLDER, None)]
+        for area in (*self._areas, *landed):
             if _within(target, area.folder) and not (area.allowed and
                                                       _within(target, area.allowed)):
                 why = (f"its config, checkpoints and metrics must stay as train.py wrote them "
                        f"(only its {RESULTS_FOLDER}/ folder takes results)" if area.allowed else
                        "a command never writes into what it reads")
+                read = "" if area.given is None else f" that this command reads ({area.given})"
                 example = area.folder.parent / f"{area.folder.name}-{out_path.name}"
                 raise OutputPathError(
-                    f"{name} {out} lies inside {area.what} {area.folder} that this command reads "
-                    f"({area.given}): {why}; {fix or f'write outside it, e.g. {example}'}")
+                    f"{name} {out} lies inside {area.what} {area.folder}{read}: {why}; "
+                    f"{fix or f'write outside it, e.g. {example}'}")
         if whole and target in self._held:
             raise OutputPathError(f"{name} {out} holds the input {self._held[target]}, which the "
                                   "output could replace (inputs are never overwritten); write "

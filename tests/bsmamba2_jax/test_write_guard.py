@@ -46,6 +46,17 @@ def test_outputs_inside_a_run_that_is_read_are_refused(run, read, out, says):
     assert "write outside it" in str(e.value) or "elsewhere" in str(e.value)
 
 
+def test_no_output_lands_inside_any_run_even_one_not_read(run, tmp_path):
+    model = tmp_path / "m.msgpack"
+    model.write_bytes(b"weights")
+    for out in ("config.json", "checkpoints/12/x", "model.msgpack"):
+        with pytest.raises(OutputPathError, match=f"OUT {run / out} lies inside the train.py "
+                                                  f"run {run}: its config"):
+            check_output(run / out, [model], name="OUT")
+    check_output(run / "eval/m.msgpack", [model])
+    check_output(tmp_path / "runs/m.msgpack", [model])
+
+
 def test_a_runs_eval_folder_and_places_beside_it_are_allowed(run):
     for out in ("eval/test/model.msgpack", "../demo.msgpack", "../demo-separated"):
         check_output(run / out, [run, run / "checkpoints/12"])
