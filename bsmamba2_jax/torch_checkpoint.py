@@ -405,8 +405,8 @@ class TorchCheckpoint:
             holds = DEFLATE_MAX_RATIO * packed + 1024  # + block and stream overhead
         problem = None
         if info.header_offset + packed > self._archive_size:
-            problem = (f"its {packed:,} stored bytes at offset {info.header_offset:,} end past "
-                       "the end of the file")
+            problem = (f"its {packed:,} bytes in the archive, at offset "
+                       f"{info.header_offset:,}, would end past the end of the file")
         elif size > holds:
             how = ("stored in" if info.compress_type == zipfile.ZIP_STORED else
                    f"deflated (at most {DEFLATE_MAX_RATIO}:1) into")
