@@ -40,8 +40,8 @@ import jax, flax, numpy as np  # what any caller of the converter has imported a
 base = rss("VmRSS:")
 read = [0]
 original = tc.TorchCheckpoint.read_record
-def counted(self, name):
-    data = original(self, name)
+def counted(self, name, *part):
+    data = original(self, name, *part)
     read[0] += len(data) if name.startswith("data/") else 0
     return data
 tc.TorchCheckpoint.read_record = counted

@@ -52,6 +52,7 @@ from bsmamba2_jax.torch_checkpoint import (
     TorchTensor,
     read_checkpoint,
 )
+from bsmamba2_jax.write_guard import OutputPathError, WriteError, check_output
 
 WEIGHTS = ("raw", "ema")
 SAMPLE_RATE = 44100  # the authors' and MSST's models are 44.1 kHz
@@ -899,8 +900,10 @@ def main(argv: list[str] | None = None) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if out.is_dir():
         parser.error(f"{out} is a folder; give a file name such as {out / 'bsmamba2.msgpack'}")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        parser.error("OUT is the input checkpoint; choose another file name")
+    try:
+        check_output(out, [src], name="OUT")
+    except OutputPathError as e:
+        parser.error(str(e))
     from bsmamba2_jax.export import save_model
 
     try:
@@ -911,7 +914,11 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(info))
     source = {k: info[k] for k in ("file", "sha256", "release", "layout", "epoch",
                                    "global_step") if info.get(k) is not None}
-    path = save_model(out, params, config, weights=info["weights"], source=source)
+    try:
+        path = save_model(out, params, config, weights=info["weights"], source=source)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -10,12 +10,16 @@ File format (flax.serialization msgpack of one dict):
      "params": the `model.init` pytree of float32 arrays}
 No dataset paths, optimizer state or device layout are stored: loading needs only NumPy, and the
 params land on whatever device runs `model.apply`.
+
+OUT is never the input and never inside the run it is exported from (`write_guard`: the run's
+config and checkpoints stay as train.py wrote them); it appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bsmamba2_jax.data.musdb import SAMPLE_RATE
+from bsmamba2_jax.write_guard import OutputPathError, check_output, write_error
 
 FORMAT = "bsmamba2-jax-model"
 VERSION = 1
@@ -79,6 +84,9 @@ def save_model(path: str | Path, params: Any, config: Any, **extra: Any) -> Path
       params: the `model.init` pytree ({"params": ...}).
       config: the run's ConfigDict (or a dict with a "model" section, or the model section).
       extra: JSON-able facts to keep with the config (e.g. step=...).
+    Raises:
+      write_guard.WriteError naming the file (a full disk as such) when it cannot be written;
+      nothing is left behind then, and an earlier file at `path` is kept.
     """
     from flax import serialization
 
@@ -89,10 +97,15 @@ def save_model(path: str | Path, params: Any, config: Any, **extra: Any) -> Path
         "params": _to_numpy(_plain_tree(params)),
     })
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)  # never leave a half-written model file behind
+    # A name of this process's own, so two exports into one folder cannot mix their bytes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(blob)
+        tmp.replace(path)  # never leave a half-written model file behind
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e, "or choose another OUT") from e
     return path
 
 
@@ -128,9 +141,15 @@ def load_model(path: str | Path) -> tuple[Any, dict]:
     if blob.get("version") != VERSION:
         raise ValueError(f"{path} has model-file version {blob.get('version')}, this code reads "
                          f"version {VERSION}")
-    config = json.loads(blob["config"])
-    config["model"] = _tuples(config["model"])
-    return blob["params"], config
+    try:
+        config = json.loads(blob["config"])
+        config["model"] = _tuples(config["model"])
+        params = blob["params"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is a damaged bsmamba2-jax model file (its config or params "
+                         f"cannot be read: {type(e).__name__}: {e}); export it again with "
+                         "`python -m bsmamba2_jax.export WORKDIR OUT`") from e
+    return params, config
 
 
 def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) -> Path:
@@ -139,9 +158,12 @@ def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) 
 
     weights: "ema" or "raw"; None: EMA for a training checkpoint, raw (the published state_dict,
       as `bsmamba2_jax.convert`) for a PyTorch file.
+    Raises OutputPathError (before reading anything) when `out` is the checkpoint or lies in a
+    run (`write_guard.check_output`), WriteError when `out` cannot be written.
     """
     from bsmamba2_jax.loading import read_weights
 
+    check_output(out, [checkpoint], name="OUT")
     params, config = read_weights(checkpoint, weights)
     extra = {"step": config["step"], "weights": config["weights"]}
     if "checkpoint" in config:  # what bsmamba2_jax.convert records for a PyTorch file
@@ -156,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     "checkpoint) to one model file.")
     parser.add_argument("checkpoint", help="train.py workdir (latest step), a step directory or "
                                            "the authors' .ckpt")
-    parser.add_argument("out", help="output model file, e.g. bsmamba2.msgpack")
+    parser.add_argument("out", help="output model file, e.g. bsmamba2.msgpack (not the input, "
+                                    "not inside the run read)")
     parser.add_argument("--weights", choices=("ema", "raw"), default=None,
                         help="default: ema for a training checkpoint, raw (the state_dict) for "
                              "a PyTorch file")
@@ -166,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{out} is a folder; give a file name such as {out / 'bsmamba2.msgpack'}")
     try:
         path = export(args.checkpoint, out, args.weights)
-    except (FileNotFoundError, ValueError) as e:
+    except OutputPathError as e:
+        parser.error(str(e))
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, a failed write
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

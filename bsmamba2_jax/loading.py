@@ -26,7 +26,7 @@ overridden.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ def read_weights(path: str | Path, weights: str | None = "ema", select: str | No
         if stored != weights:
             raise ValueError(f"{path} holds the {stored} weights only, not the {weights} ones; "
                              f"pass weights={stored!r} or export the {weights} weights")
+        check_params_fit(params, config["model"], path)
     elif path.is_dir():
         from bsmamba2_jax import export
         from bsmamba2_jax.train import checkpoint
@@ -74,6 +75,7 @@ def read_weights(path: str | Path, weights: str | None = "ema", select: str | No
         weights = weights or "ema"
         params, run_config, step = checkpoint.load_params(path, weights, select)
         config = {**export.model_config_dict(run_config), "step": step}
+        check_params_fit(params, config["model"], path)
     else:
         raise FileNotFoundError(
             f"No model at {path}: pass a train.py workdir, a checkpoint step directory "
@@ -83,6 +85,51 @@ def read_weights(path: str | Path, weights: str | None = "ema", select: str | No
     config["weights"] = weights
     config["source"] = str(path)
     return params, config
+
+
+def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple]:
+    """{path: shape} of a nested dict of arrays."""
+    if isinstance(tree, Mapping):
+        out: dict[tuple[str, ...], tuple] = {}
+        for k, v in tree.items():
+            out.update(_leaf_paths(v, prefix + (str(k),)))
+        return out
+    return {prefix: tuple(getattr(tree, "shape", ()))}
+
+
+def check_params_fit(params: Any, model_config: dict, source: str | Path) -> None:
+    """Raises ValueError naming `source` unless `params` are what BSMamba2(**model_config) has.
+
+    A model file or a run whose config was edited (or belongs to other weights) would otherwise
+    fail inside Flax, naming neither the file nor the field.
+    """
+    from bsmamba2_jax import convert
+
+    fix = ("the config was edited or belongs to other weights: restore the config the weights "
+           "were trained with, or export the model again from its run")
+    try:
+        want = convert.expected_leaves(_model_kwargs(model_config))
+    except Exception as e:  # noqa: BLE001 - any failure to build the model is the config's
+        raise ValueError(f"{source}: its model config does not build a BSMamba2 "
+                         f"({type(e).__name__}: {e}); {fix}") from e
+    got = _leaf_paths(params)
+    fields = ", ".join(f"{k}={model_config[k]}" for k in ("mixer", "dim", "depth", "expand",
+                                                          "d_state", "headdim", "heads")
+                       if k in model_config)
+    for leaf in sorted(set(want) | set(got)):
+        if want.get(leaf) != got.get(leaf):
+            name = "/".join(leaf)
+            have = "absent" if leaf not in got else f"of shape {got[leaf]}"
+            need = "no such leaf" if leaf not in want else f"{want[leaf]}"
+            differ = sum(want.get(k) != got.get(k) for k in set(want) | set(got))
+            raise ValueError(f"{source}: its weights do not fit its model config "
+                             f"BSMamba2({fields}): {name} is {have} in the weights, the config "
+                             f"needs {need} ({differ} leaves differ); {fix}")
+
+
+def _model_kwargs(model_config: Mapping) -> dict:
+    """A saved model config as BSMamba2 keyword arguments (JSON lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
 
 
 def _is_torch_checkpoint(path: Path) -> bool:
@@ -113,7 +160,7 @@ def build_model(model_config: dict, overrides: dict | None = None) -> Any:
     """
     from bsmamba2_jax.model import BSMamba2
 
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
+    kwargs = _model_kwargs(model_config)
     for field, value in (overrides or {}).items():
         if field not in EXECUTION_FIELDS:
             raise ValueError(f"model.{field} comes from the checkpoint and cannot be overridden; "

@@ -3,7 +3,7 @@
     bsmamba2-separate song.wav [more.flac ...] -o OUTDIR [--checkpoint MODEL]
         [--weights raw|ema] [--dtype auto|float32|bfloat16|float16]
         [--format wav|flac|wav16|wav24] [--segment-seconds 8] [--overlap 0]
-        [--batch-size auto|N] [--nonfinite error|zero] [--no-progress]
+        [--batch-size auto|N] [--nonfinite error|zero] [--overwrite] [--no-progress]
 
 Writes OUTDIR/<name>/vocals.<ext> and OUTDIR/<name>/accompaniment.<ext> (accompaniment =
 mixture - vocals). MODEL is anything `bsmamba2_jax.loading.load_model` reads: a model file from
@@ -19,15 +19,20 @@ memory and what the machine has (`--batch-size auto`).
 
 Nothing is lost and nothing is silently wrong: the arguments and every input are checked before
 the model runs (a missing, unreadable, truncated or non-finite file fails on its own, named, and
-the others still run); outputs appear only when complete; inputs are never overwritten; clipping
-in an integer format is reported with its peak. Exit status: 0 all files separated, 1 some failed,
-2 bad arguments or no model.
+the others still run); outputs appear only when complete; inputs and the model are never
+overwritten, and nothing is written into a train.py run that --checkpoint reads
+(`bsmamba2_jax.write_guard`); an OUTDIR/<name>/ that holds an earlier separation is refused
+unless --overwrite, which replaces it only once the new one is complete; a failed write (a full
+disk) names the file and leaves no partial output; clipping in an integer format is reported
+with its peak. Exit status: 0 all files separated, 1 some failed, 2 bad arguments or no model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -40,6 +45,7 @@ import numpy as np
 
 from bsmamba2_jax import audio_files
 from bsmamba2_jax.data.musdb import SAMPLE_RATE
+from bsmamba2_jax.write_guard import OutputGuard, OutputPathError, check_output, write_error
 
 if TYPE_CHECKING:  # imported where used: it imports JAX, which takes seconds
     from bsmamba2_jax.inference import SegmentPlan
@@ -52,6 +58,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 NONFINITE = ("error", "zero")
 BLOCK_FRAMES = 1 << 16  # frames per read: large enough to be cheap, small next to a segment
 STEMS = ("vocals", "accompaniment")
+EXTENSIONS = tuple(sorted({ext for _, _, ext in FORMATS.values()}))  # of an earlier separation
+FIX_WRITE = "or choose another -o folder"  # how a failed write's message ends
 
 
 class SeparationError(Exception):
@@ -256,18 +264,63 @@ class StemStats:
     clipped: int = 0  # samples beyond full scale (integer formats only)
 
 
+class _KeptErrorFile:
+    """A binary file for libsndfile's virtual I/O that keeps the OSError of a failed write.
+
+    libsndfile reports any failed write as "System error."; keeping the OSError lets the message
+    name the cause (a full disk) next to the file.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by OutputWriter
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        view, done = memoryview(data), 0
+        try:
+            while self.error is None and done < len(view):
+                wrote = self.file.write(view[done:])
+                if not wrote:
+                    raise OSError(errno.EIO, "the file takes no more bytes")
+                done += wrote
+        except OSError as e:
+            self.error = e
+        return done  # fewer bytes than given: libsndfile fails the write
+
+    def readinto(self, buf: Any) -> int:
+        return self.file.readinto(buf)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPlan:
+    """Where one input's separation goes."""
+
+    paths: dict[str, Path]  # stem -> OUTDIR/<name>/<stem>.<ext>
+    overwrite: bool = False  # replace files found there (--overwrite)
+    replaces: tuple[Path, ...] = ()  # the earlier separation's files there (--overwrite only)
+
+
 class OutputWriter:
     """The `sink` of one file: vocals at the model's rate in, both stems written at the input's.
 
     Resamples the vocals back, averages them to mono for a mono input, reads the mixture again
     (block by block) for accompaniment = mixture - vocals, and writes both to hidden partial
-    files that `commit` renames; `abort` removes them.
+    files that `commit` renames over the plan's paths (and, with --overwrite, in place of the
+    earlier separation's files); `abort` removes them. A failed write (a full disk) is a
+    write_guard.WriteError naming the file.
     """
 
-    def __init__(self, info: InputInfo, paths: dict[str, Path], fmt: str, model_rate: int):
+    def __init__(self, info: InputInfo, plan: OutputPlan, fmt: str, model_rate: int):
         import soundfile as sf
 
-        self.info, self.paths, self.fmt = info, paths, fmt
+        self.info, self.plan, self.fmt = info, plan, fmt
+        self.paths = plan.paths
         container, subtype, _ = FORMATS[fmt]
         self.integer = subtype.startswith("PCM")
         self.bits = {"PCM_16": 16, "PCM_24": 24}.get(subtype, 32)
@@ -276,15 +329,32 @@ class OutputWriter:
         self._mix = np.zeros((info.channels, 0), np.float32)
         self.written = 0
         self.stats = {s: StemStats() for s in STEMS}
-        self.partial = {s: p.with_name(f".{p.name}.partial") for s, p in paths.items()}
+        self.partial = {s: p.with_name(f".{p.name}.partial") for s, p in self.paths.items()}
+        self.raw: dict[str, _KeptErrorFile] = {}
         self.files: dict[str, Any] = {}
         try:
             for stem, p in self.partial.items():
-                self.files[stem] = sf.SoundFile(str(p), "w", samplerate=info.rate,
-                                                channels=info.channels, subtype=subtype,
-                                                format=container)
+                try:
+                    self.raw[stem] = _KeptErrorFile(p)
+                except OSError as e:
+                    raise write_error(self.paths[stem], e, FIX_WRITE) from e
+                with self._named_write_errors():
+                    self.files[stem] = sf.SoundFile(self.raw[stem], "w", samplerate=info.rate,
+                                                    channels=info.channels, subtype=subtype,
+                                                    format=container)
         except BaseException:
             self.abort()
+            raise
+
+    @contextlib.contextmanager
+    def _named_write_errors(self) -> Iterator[None]:
+        """libsndfile's "System error." (soundfile's failed-write assertion) -> WriteError."""
+        try:
+            yield
+        except (RuntimeError, AssertionError) as e:
+            for stem, raw in self.raw.items():
+                if raw.error is not None:
+                    raise write_error(self.paths[stem], raw.error, FIX_WRITE) from e
             raise
 
     def _mixture(self, n: int) -> np.ndarray:
@@ -317,7 +387,8 @@ class OutputWriter:
                 if peak > 1.0:
                     stats.clipped += int(np.count_nonzero(magnitude > 1.0))
                     audio = np.clip(audio, -1.0, 1.0)  # integers would wrap around otherwise
-            self.files[stem].write(np.ascontiguousarray(audio.T))
+            with self._named_write_errors():
+                self.files[stem].write(np.ascontiguousarray(audio.T))
         self.written += n
 
     def __call__(self, vocals: np.ndarray) -> None:
@@ -329,10 +400,22 @@ class OutputWriter:
         if self.written < self.info.frames:  # never with resample_poly's lengths; kept safe
             self._write(np.zeros((2, self.info.frames - self.written), np.float32))
         self.mixture.close()
-        for f in self.files.values():
-            f.close()
+        with self._named_write_errors():
+            for f in self.files.values():
+                f.close()  # writes the header: a full disk can fail here too
+        for raw in self.raw.values():
+            raw.file.close()
+        if not self.plan.overwrite:
+            there = [p for p in self.paths.values() if p.exists()]
+            if there:
+                raise SeparationError(f"{self.info.path}: {there[0]} appeared while separating "
+                                      "(another run?); nothing replaced: pass --overwrite to "
+                                      "replace it, or choose another -o folder")
         for stem, p in self.partial.items():
             os.replace(p, self.paths[stem])
+        for old in self.plan.replaces:  # the earlier separation in another format
+            if old not in self.paths.values():
+                old.unlink(missing_ok=True)
         warnings = []
         for stem, s in self.stats.items():
             if s.clipped:
@@ -347,7 +430,12 @@ class OutputWriter:
     def abort(self) -> None:
         self.mixture.close()
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except (RuntimeError, AssertionError, OSError):
+                pass  # the write that failed is reported; the partial file goes anyway
+        for raw in self.raw.values():
+            raw.file.close()
         for p in self.partial.values():
             p.unlink(missing_ok=True)
 
@@ -445,17 +533,19 @@ class FileResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def output_paths(inputs: Sequence[Path], out_dir: Path, fmt: str
-                 ) -> list[dict[str, Path] | str]:
-    """Per input: {stem: OUTDIR/<name>/<stem>.<ext>}, or why it cannot be written there.
+def output_paths(inputs: Sequence[Path], out_dir: Path, fmt: str, *, overwrite: bool = False,
+                 reads: Sequence[Path] = ()) -> list[OutputPlan | str]:
+    """Per input: where its stems go (OUTDIR/<name>/<stem>.<ext>), or why they cannot go there.
 
-    Refused: an output that is one of the inputs, a second input of the same name, a folder
-    blocked by a file, an output path that is a folder.
+    Refused: an output that is one of the inputs or of `reads` (the model), a second input of
+    the same name, a folder blocked by a file, an output path that is a folder, and a folder
+    that already holds a separation (vocals.* or accompaniment.*) unless `overwrite`; then the
+    new files replace the earlier ones, including those of another format.
     """
     ext = FORMATS[fmt][2]
-    resolved_inputs = {p.resolve() for p in inputs}
+    guard = OutputGuard([*inputs, *reads])
     seen: dict[str, Path] = {}
-    out: list[dict[str, Path] | str] = []
+    out: list[OutputPlan | str] = []
     for p in inputs:
         folder = out_dir / p.stem
         paths = {s: folder / f"{s}.{ext}" for s in STEMS}
@@ -467,14 +557,26 @@ def output_paths(inputs: Sequence[Path], out_dir: Path, fmt: str
         if folder.exists() and not folder.is_dir():
             out.append(f"{p}: the output folder {folder} is blocked by a file of that name; "
                        "move it or choose another -o folder")
-        elif any(q.resolve() in resolved_inputs for q in paths.values()):
-            out.append(f"{p}: its output {folder} holds one of the inputs; choose another -o "
-                       "folder (inputs are never overwritten)")
-        elif any(q.is_dir() for q in paths.values()):
+            continue
+        if any(q.is_dir() for q in paths.values()):
             out.append(f"{p}: an output path in {folder} is a folder; move it or choose another "
                        "-o folder")
-        else:
-            out.append(paths)
+            continue
+        earlier = tuple(q for q in (folder / f"{s}.{e}" for s in STEMS for e in EXTENSIONS)
+                        if q.is_file())
+        try:
+            for q in (*paths.values(), *(earlier if overwrite else ())):
+                guard.check(q, name="its output")
+        except OutputPathError as e:
+            out.append(f"{p}: {e}")
+            continue
+        if earlier and not overwrite:
+            names = ", ".join(q.name for q in earlier)
+            out.append(f"{p}: {folder} already holds a separation ({names}); pass --overwrite "
+                       "to replace it (once the new one is complete), or choose another -o "
+                       "folder")
+            continue
+        out.append(OutputPlan(paths, overwrite, earlier if overwrite else ()))
     return out
 
 
@@ -486,7 +588,7 @@ def segment_plan(separator: Separator, info: InputInfo) -> SegmentPlan:
     return inference.plan_segments(length, separator.segment, separator.overlap)
 
 
-def separate_file(separator: Separator, info: InputInfo, paths: dict[str, Path], fmt: str,
+def separate_file(separator: Separator, info: InputInfo, output: OutputPlan, fmt: str,
                   progress: bool = False, on_batch: Callable[[int], None] | None = None
                   ) -> FileResult:
     """Separates one scanned input into its two output files (written only when complete).
@@ -501,12 +603,15 @@ def separate_file(separator: Separator, info: InputInfo, paths: dict[str, Path],
 
     start = time.perf_counter()
     plan = segment_plan(separator, info)
-    folder = paths["vocals"].parent
+    folder = output.paths["vocals"].parent
     made_folder = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e, FIX_WRITE) from e
     writer = None
     try:
-        writer = OutputWriter(info, paths, fmt, separator.rate)
+        writer = OutputWriter(info, output, fmt, separator.rate)
         with tqdm(total=plan.count, unit="seg", leave=False, disable=not progress,
                   dynamic_ncols=True, desc=info.path.name) as bar:
             def advance(real: int) -> None:
@@ -532,12 +637,15 @@ def separate_file(separator: Separator, info: InputInfo, paths: dict[str, Path],
 
 def run(inputs: Sequence[str | Path], out_dir: str | Path,
         separator: Separator | Callable[[], Separator], *, fmt: str = "wav",
-        nonfinite: str = "error", progress: bool = True) -> list[FileResult]:
+        nonfinite: str = "error", progress: bool = True, overwrite: bool = False,
+        model: str | Path | None = None) -> list[FileResult]:
     """Separates every input, each on its own; returns one FileResult per input (in order).
 
     Every input is checked (and read once) before the model is loaded; `separator` is either
     ready or a function that loads it, called only if some input passed. Per-file problems are
-    FileResult.error; a bad argument raises ValueError.
+    FileResult.error (an OUT/<name>/ that holds a separation already is one, unless
+    `overwrite`); a bad argument raises ValueError. model: the path the separator reads, kept
+    safe from outputs as the inputs are (never written over, nothing written into its run).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is not one of {sorted(FORMATS)}")
@@ -547,12 +655,18 @@ def run(inputs: Sequence[str | Path], out_dir: str | Path,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"-o {out_dir} is a file; give a folder (created if missing)")
+    reads = [] if model is None else [Path(model)]
+    try:  # -o itself only receives OUT/<name>/ folders, each checked below
+        check_output(out_dir, [*inputs, *reads], name="-o", whole=False)
+    except OutputPathError as e:
+        raise ValueError(str(e)) from e
     results = [FileResult(p) for p in inputs]
-    ready: list[tuple[FileResult, InputInfo, dict[str, Path]]] = []
-    for result, paths in zip(results, output_paths(inputs, out_dir, fmt), strict=True):
+    ready: list[tuple[FileResult, InputInfo, OutputPlan]] = []
+    plans = output_paths(inputs, out_dir, fmt, overwrite=overwrite, reads=reads)
+    for result, plan in zip(results, plans, strict=True):
         try:
-            if isinstance(paths, str):
-                raise SeparationError(paths)
+            if isinstance(plan, str):
+                raise SeparationError(plan)
             info = scan_input(result.path, nonfinite)
         except SeparationError as e:
             result.error = str(e)
@@ -561,17 +675,17 @@ def run(inputs: Sequence[str | Path], out_dir: str | Path,
         if info.nonfinite:
             result.warnings.append(f"{info.path}: {info.nonfinite} non-finite samples (NaN or "
                                    "Inf) replaced by zeros (--nonfinite zero)")
-        ready.append((result, info, paths))
+        ready.append((result, info, plan))
     if not ready:
         return results
     if not isinstance(separator, Separator):
         separator = separator()
         print(f"model: {separator.description}", file=sys.stderr)
-    for result, info, paths in ready:
+    for result, info, plan in ready:
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
         try:
-            done = separate_file(separator, info, paths, fmt, progress)
+            done = separate_file(separator, info, plan, fmt, progress)
         except (SeparationError, OSError, ValueError, RuntimeError) as e:
             # RuntimeError covers libsndfile's errors and XLA's (out of memory, for one).
             result.error = str(e) if isinstance(e, SeparationError) else f"{info.path}: {e}"
@@ -581,7 +695,7 @@ def run(inputs: Sequence[str | Path], out_dir: str | Path,
         result.warnings += done.warnings
         for w in done.warnings:
             print(f"warning: {w}", file=sys.stderr)
-        print(f"{info.path} -> {paths['vocals'].parent} ({result.seconds:.1f} s of audio in "
+        print(f"{info.path} -> {plan.paths['vocals'].parent} ({result.seconds:.1f} s of audio in "
               f"{result.wall:.1f} s, {result.segments} segments)")
     return results
 
@@ -673,7 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split songs into vocals and accompaniment with a BSMamba2 model.")
     parser.add_argument("inputs", nargs="+", help="audio files (wav, flac, ogg, ...)")
     parser.add_argument("-o", "--output", required=True,
-                        help="output folder (created if missing); each input gets OUTPUT/<name>/")
+                        help="output folder (created if missing); each input gets OUTPUT/<name>/"
+                             ", refused if that already holds a separation (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier separation in OUTPUT/<name>/ (its vocals.* "
+                             "and accompaniment.*; nothing else there), once the new one is "
+                             "complete")
     add_separation_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -688,7 +807,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"-o {out_dir} is a file; give a folder (created if missing)")
     try:
         results = run(args.inputs, out_dir, lambda: separator_from_args(args), fmt=args.format,
-                      nonfinite=args.nonfinite, progress=not args.no_progress)
+                      nonfinite=args.nonfinite, progress=not args.no_progress,
+                      overwrite=args.overwrite, model=args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

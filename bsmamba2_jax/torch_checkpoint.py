@@ -4,13 +4,20 @@
     with read_checkpoint("model.ckpt") as ckpt:
         sd = ckpt.root["state_dict"]              # dicts, lists, tuples, OrderedDicts as saved
         w = sd["model.final_norm.gamma"]          # a TorchTensor: shape/dtype known, no bytes read
-        a = w.numpy()                             # reads only this tensor's storage record
+        a = w.numpy()                             # reads only the bytes this tensor spans
 
 A `torch.save` file (PyTorch >= 1.6) is a zip archive: `<name>/data.pkl` is a pickle of the saved
 object in which every tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
 ...)` and every storage a persistent id `("storage", torch.FloatStorage, key, location, numel)`
 whose raw bytes are the record `<name>/data/<key>` (byte order in `<name>/byteorder`, little when
 absent, as torch assumes).
+
+Memory: a tensor reads the part of its storage record it spans, not the record (torch.save
+writes a view of a bigger tensor with all of that tensor's storage): a stored record's part is
+read from the file directly, a deflated one's (a re-zipped file) inflated up to the part's end a
+CHUNK at a time. A size that the file cannot hold (a record larger than its bytes in the archive
+can store or inflate to, a tensor that repeats its storage's elements) is refused before any
+allocation (`ImplausibleSizeError`), so reading needs a small multiple of the weights' bytes.
 
 Safety: pickle can call any importable function. Our unpickler resolves only the globals that
 rebuild tensors, OrderedDict/defaultdict and plain builtin containers. Globals from modules that
@@ -26,6 +33,7 @@ import collections
 import dataclasses
 import io
 import pickle
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -37,6 +45,10 @@ ZIP_MAGIC = b"PK\x03\x04"
 # The pre-1.6 format: a plain pickle stream that starts with torch's magic number
 # 0x1950a86a20f9469cfc6c as a protocol-2 LONG1 (torch/serialization.py MAGIC_NUMBER).
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+CHUNK = 1 << 18  # bytes read (or inflated) at a time: 256 KiB
+# Deflate's largest expansion: one compressed byte never stands for more than 1032 bytes (the
+# zlib technical notes), so a record declaring more is lying about its size.
+DEFLATE_MAX_RATIO = 1032
 
 
 class TorchCheckpointError(ValueError):
@@ -58,6 +70,10 @@ class DamagedTorchCheckpointError(TorchCheckpointError):
 
 class UnsafeTorchCheckpointError(TorchCheckpointError):
     """The pickle names a callable that could run code; nothing of it was executed."""
+
+
+class ImplausibleSizeError(DamagedTorchCheckpointError):
+    """A declared size (of a record, a storage or a tensor) that the file cannot hold."""
 
 
 # --- storages and tensors -----------------------------------------------------------------------
@@ -100,18 +116,17 @@ class Storage:
     numel: int  # elements in the storage
     location: str  # device it was saved from, e.g. "cpu", "cuda:0" (ignored: we read to host)
 
-    def numpy_flat(self, byteorder: str) -> np.ndarray:
-        """All numel elements, read-only, in the file's byte order."""
-        raw = self.checkpoint.read_record(f"data/{self.key}")
+    def read(self, start: int, stop: int, byteorder: str) -> np.ndarray:
+        """Elements [start, stop) as a fresh writable array in the file's byte order.
+
+        Reads only those bytes of the record (see `TorchCheckpoint.read_record`).
+        """
         dtype = np.dtype(self.type.numpy_dtype)
         if byteorder == "big":
             dtype = dtype.newbyteorder(">")
-        if len(raw) != self.numel * dtype.itemsize:
-            raise DamagedTorchCheckpointError(
-                f"{self.checkpoint.path}: storage record data/{self.key} has {len(raw)} bytes, "
-                f"the pickle says {self.numel} x {self.type.dtype} = {self.numel * dtype.itemsize}"
-                "; the file is damaged: get a fresh copy")
-        return np.frombuffer(raw, dtype=dtype, count=self.numel)
+        raw = self.checkpoint.read_record(f"data/{self.key}", start * dtype.itemsize,
+                                          stop * dtype.itemsize)
+        return np.frombuffer(raw, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -137,25 +152,36 @@ class TorchTensor:
     def numpy(self) -> np.ndarray:
         """A fresh contiguous array of `shape` in native byte order (bfloat16 widened to float32).
 
-        Reads only this tensor's storage record from the archive.
+        Reads only the bytes of this tensor's storage record that the tensor spans (a view
+        into a larger storage does not read the rest).
         """
         ckpt = self.storage.checkpoint
-        flat = self.storage.numpy_flat(ckpt.byteorder)
+        numel = self.storage.numel
+        dtype = np.dtype(self.storage.type.numpy_dtype)
         if self.size == 0:
-            out = np.zeros(self.shape, flat.dtype.newbyteorder("="))
+            out = np.zeros(self.shape, dtype)
         else:
             steps = zip(self.shape, self.stride, strict=True)
             last = self.offset + sum((n - 1) * s for n, s in steps)
-            if self.offset < 0 or min(self.stride, default=0) < 0 or last >= flat.size:
+            if self.offset < 0 or min(self.stride, default=0) < 0 or last >= numel:
                 raise DamagedTorchCheckpointError(
                     f"{ckpt.path}: a tensor of shape {self.shape}, stride {self.stride}, offset "
                     f"{self.offset} reaches past its storage data/{self.storage.key} of "
-                    f"{flat.size} elements; the file is damaged: get a fresh copy")
-            item = flat.dtype.itemsize
+                    f"{numel} elements; the file is damaged: get a fresh copy")
+            if self.size > last - self.offset + 1:
+                # Only a broadcast (stride 0) or overlapping view has more elements than it
+                # spans; no weight is one, and materialising it could take any amount of memory.
+                raise ImplausibleSizeError(
+                    f"{ckpt.path}: a tensor of shape {self.shape}, stride {self.stride} repeats "
+                    f"the {last - self.offset + 1} elements it spans of data/{self.storage.key} "
+                    f"as {self.size}; a weight never does: the file is damaged or not a model "
+                    "checkpoint")
+            flat = self.storage.read(self.offset, last + 1, ckpt.byteorder)
             view = np.lib.stride_tricks.as_strided(
-                flat[self.offset:], shape=self.shape, strides=[s * item for s in self.stride],
-                writeable=False)
-            out = np.array(view, dtype=flat.dtype.newbyteorder("="), order="C")
+                flat, shape=self.shape, strides=[s * flat.dtype.itemsize for s in self.stride])
+            # `flat` is this call's own buffer: no copy when the view is all of it in order and
+            # in native byte order.
+            out = np.asarray(view, dtype=flat.dtype.newbyteorder("="), order="C")
         if self.dtype == "bfloat16":  # bf16 is the top half of a float32
             out = (out.astype(np.uint32) << 16).view(np.float32)
         return out
@@ -228,7 +254,7 @@ def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any) -
             f"a tensor's storage is {storage!r}, not a storage record; the file is damaged or "
             "was not written by torch.save")
     size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
-    if len(size) != len(stride):
+    if len(size) != len(stride) or min(size, default=0) < 0:
         raise DamagedTorchCheckpointError(
             f"a tensor has size {size} but stride {stride}; the file is damaged: get a fresh copy")
     return TorchTensor(storage, int(storage_offset), size, stride)
@@ -332,8 +358,9 @@ class TorchCheckpoint:
         self.path = Path(path)
         self._zip = _open_archive(self.path)
         try:
+            self._archive_size = self.path.stat().st_size
             self.prefix = _find_prefix(self._zip, self.path)
-            self._sizes = {i.filename: i.file_size for i in self._zip.infolist()}
+            self._infos = {i.filename: i for i in self._zip.infolist()}
             self.byteorder = self._text_record("byteorder", "little")
             if self.byteorder not in ("little", "big"):
                 raise DamagedTorchCheckpointError(
@@ -355,25 +382,81 @@ class TorchCheckpoint:
             raise
 
     def _text_record(self, name: str, default: str) -> str:
-        if f"{self.prefix}/{name}" not in self._sizes:
+        if f"{self.prefix}/{name}" not in self._infos:
             return default
         return self.read_record(name).decode("ascii", "replace").strip()
 
-    def read_record(self, name: str) -> bytes:
-        """Bytes of record `<prefix>/<name>`, CRC-checked by zipfile."""
+    def _record(self, full: str, what: str = "") -> zipfile.ZipInfo:
+        """The zip entry of record `full`, its declared sizes checked against the file."""
+        if full not in self._infos:
+            raise DamagedTorchCheckpointError(
+                f"{self.path}: record {full}{what} is missing from the archive; the file is "
+                "damaged or incomplete: get a fresh copy")
+        info = self._infos[full]
+        size, packed = info.file_size, info.compress_size
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise DamagedTorchCheckpointError(
+                f"{self.path}: record {full} uses zip compression method {info.compress_type}, "
+                "which torch.save never writes (it stores records; a re-zipped file may deflate "
+                "them); save it again with torch.save")
+        if info.compress_type == zipfile.ZIP_STORED:
+            holds = packed
+        else:
+            holds = DEFLATE_MAX_RATIO * packed + 1024  # + block and stream overhead
+        problem = None
+        if info.header_offset + packed > self._archive_size:
+            problem = (f"its {packed:,} bytes in the archive, at offset "
+                       f"{info.header_offset:,}, would end past the end of the file")
+        elif size > holds:
+            how = ("stored in" if info.compress_type == zipfile.ZIP_STORED else
+                   f"deflated (at most {DEFLATE_MAX_RATIO}:1) into")
+            problem = f"{size:,} bytes cannot be {how} its {packed:,} bytes in the file"
+        if problem:
+            raise ImplausibleSizeError(
+                f"{self.path}: record {full} declares {size:,} bytes{what}, but {problem}; the "
+                f"file ({self._archive_size:,} bytes) is damaged or crafted: get a fresh copy")
+        return info
+
+    def read_record(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
+        """Bytes [start, stop) of record `<prefix>/<name>` (all of it by default).
+
+        A whole record is read in CHUNK pieces into one buffer and CRC-checked by zipfile. Of a
+        part, only that part is read: a stored record's straight from the file, a compressed
+        record's by inflating up to the part's end CHUNK bytes at a time (its CRC cannot be
+        checked without inflating the rest). Memory: the part plus one CHUNK.
+        """
         full = f"{self.prefix}/{name}"
         if self._zip.fp is None:
             raise ValueError(f"{self.path} was closed; read tensors inside the `with` block")
-        if full not in self._sizes:
-            raise DamagedTorchCheckpointError(
-                f"{self.path}: record {full} is missing from the archive; the file is damaged "
-                "or incomplete: get a fresh copy")
+        info = self._record(full)
+        stop = info.file_size if stop is None else stop
+        if not 0 <= start <= stop <= info.file_size:
+            raise ValueError(f"bytes [{start}, {stop}) of {full} ({info.file_size} bytes)")
+        whole = start == 0 and stop == info.file_size
         try:
-            return self._zip.read(full)
+            if info.compress_type == zipfile.ZIP_STORED and not whole:
+                return self._read_stored(info, start, stop)
+            with self._zip.open(info) as f:
+                _skip(f, start)
+                data = _read_into(f, stop - start)
+                if whole and f.read(1):  # also makes zipfile check the CRC at the end
+                    raise zipfile.BadZipFile("more bytes than the directory says")
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
             raise DamagedTorchCheckpointError(
                 f"{self.path}: record {full} cannot be read ({e}); the file is damaged or "
                 "truncated: get a fresh copy") from e
+        return data
+
+    def _read_stored(self, info: zipfile.ZipInfo, start: int, stop: int) -> bytearray:
+        """Bytes [start, stop) of a stored (uncompressed) record, read from the file directly."""
+        with self.path.open("rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)  # the local file header: signature ... name and extra lengths
+            if len(header) < 30 or header[:4] != ZIP_MAGIC:
+                raise zipfile.BadZipFile(f"no local file header at {info.header_offset}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len + start)
+            return _read_into(f, stop - start)
 
     def storage(self, key: str, storage_type: StorageType, numel: int, location: str) -> Storage:
         """The handle of storage `key` (one per key; checks that its record exists and fits)."""
@@ -381,13 +464,11 @@ class TorchCheckpoint:
             return self._storages[key]
         full = f"{self.prefix}/data/{key}"
         size = np.dtype(storage_type.numpy_dtype).itemsize * numel
-        if full not in self._sizes:
+        what = f" (a {storage_type.dtype} storage of {numel} elements)"
+        info = self._record(full, what)
+        if numel < 0 or info.file_size != size:
             raise DamagedTorchCheckpointError(
-                f"{self.path}: record {full} (a {storage_type.dtype} storage of {numel} elements) "
-                "is missing from the archive; the file is damaged or incomplete: get a fresh copy")
-        if self._sizes[full] != size:
-            raise DamagedTorchCheckpointError(
-                f"{self.path}: record {full} has {self._sizes[full]} bytes, the pickle says "
+                f"{self.path}: record {full} has {info.file_size} bytes, the pickle says "
                 f"{numel} x {storage_type.dtype} = {size}; the file is damaged: get a fresh copy")
         self._storages[key] = Storage(self, key, storage_type, numel, location)
         return self._storages[key]
@@ -395,7 +476,7 @@ class TorchCheckpoint:
     @property
     def storage_bytes(self) -> int:
         """Total bytes of all storages in the archive (weights, optimizer state, ...)."""
-        return sum(self._sizes[f"{self.prefix}/data/{k}"] for k in self._storages)
+        return sum(self._infos[f"{self.prefix}/data/{k}"].file_size for k in self._storages)
 
     def close(self) -> None:
         self._zip.close()
@@ -405,6 +486,28 @@ class TorchCheckpoint:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _skip(f: Any, count: int) -> None:
+    """Reads and drops `count` bytes of `f`, CHUNK at a time."""
+    while count > 0:
+        got = len(f.read(min(CHUNK, count)))
+        if got == 0:
+            raise EOFError(f"the record ends {count} bytes early")
+        count -= got
+
+
+def _read_into(f: Any, count: int) -> bytearray:
+    """Exactly `count` bytes of `f` in one buffer, read CHUNK at a time."""
+    buf = bytearray(count)
+    view = memoryview(buf)
+    pos = 0
+    while pos < count:
+        got = f.readinto(view[pos:pos + CHUNK])
+        if not got:
+            raise EOFError(f"the record ends {count - pos} bytes early")
+        pos += got
+    return buf
 
 
 def _open_archive(path: Path) -> zipfile.ZipFile:

@@ -33,6 +33,7 @@ from bsmamba2_jax.separate_cli import (
     NONFINITE,
     STEMS,
     InputInfo,
+    OutputPlan,
     SeparationError,
     Separator,
     scan_input,
@@ -263,7 +264,8 @@ class JobQueue:
 
         outputs = {stem: job.output(stem) for stem in STEMS}
         try:
-            result = separate_file(self.separator, job.info, outputs, job.fmt, on_batch=progress)
+            result = separate_file(self.separator, job.info, OutputPlan(outputs), job.fmt,
+                                   on_batch=progress)
         except JobCancelled:
             return
         except Exception as e:  # noqa: BLE001 - one job's failure, whatever it is, is its own

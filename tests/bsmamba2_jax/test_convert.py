@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import tracemalloc
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from bsmamba2_jax import convert, export
 from bsmamba2_jax import torch_checkpoint as tc
 from configs.bsmamba2 import PAPER_BAND_WIDTHS, get_config
-from tests.bsmamba2_jax.torch_zip import DictOf, Global, Tensor, write_torch_zip
+from tests.bsmamba2_jax.torch_zip import DictOf, Global, Tensor, state_dict_of, write_torch_zip
 
 FIXTURES = Path(__file__).parent.parent / "data" / "authors_ckpt"
 AUTHORS = FIXTURES / "authors_tiny.ckpt"
@@ -221,6 +223,45 @@ def test_command_reports_bad_input(tmp_path, capsys):
     out = tmp_path / "x.msgpack"
     assert convert.main([str(FIXTURES / "input.npy"), str(out)]) == 1
     assert "not a PyTorch checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_command_never_writes_over_its_input(tmp_path, capsys):
+    src = tmp_path / "in.ckpt"
+    src.write_bytes(MSST.read_bytes())
+    (tmp_path / "hard.ckpt").hardlink_to(src)
+    (tmp_path / "soft.ckpt").symlink_to(src)
+    for out in (src, tmp_path / "hard.ckpt", tmp_path / "soft.ckpt"):
+        with pytest.raises(SystemExit) as e:
+            convert.main([str(src), str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"OUT {out} is the input {src}" in err, err
+    assert src.read_bytes() == MSST.read_bytes()
+
+
+def test_a_view_into_a_large_deflated_storage_converts_in_little_memory(tmp_path):
+    """The biggest weight of the MSST fixture stored as a view near the end of a 256 MB storage
+    in a re-zipped (deflated) file, as torch.save writes a view of a bigger tensor: converting
+    needs a small multiple of the weights' bytes (about 3 MB), not the storage's."""
+    with tc.read_checkpoint(MSST) as ckpt:
+        sd = state_dict_of(ckpt.root)
+    name = max(sd, key=lambda k: sd[k].data.size)
+    weight = sd[name].data
+    storage = np.zeros(64 << 20, np.float32)  # 256 MB, calloc'ed: untouched pages cost nothing
+    offset = storage.size - weight.size - 12345
+    storage[offset:offset + weight.size] = weight.reshape(-1)
+    sd[name] = Tensor(storage, shape=weight.shape, offset=offset)
+    path = write_torch_zip(tmp_path / "view.ckpt", sd, compression=zipfile.ZIP_DEFLATED)
+    del storage
+    want, _, _ = convert.load_torch_model(MSST, "raw")  # also traces the model's init once
+    weight_bytes = sum(a.nbytes for a in jax.tree.leaves(want))
+    tracemalloc.start()
+    try:
+        got, _, _ = convert.load_torch_model(path, "raw")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert peak < 3 * weight_bytes, f"peak {peak / 1e6:.1f} MB for {weight_bytes / 1e6:.1f} MB"
 
 
 # ----------------------------------------------------------------------------- BS-RoFormer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -79,3 +80,75 @@ def test_load_rejects_other_files(tmp_path):
         export.load_model(bad)
     with pytest.raises(FileNotFoundError, match="export it first"):
         export.load_model(tmp_path)
+
+
+def _train_run(tmp_path):
+    """A workdir laid out like train.py's: config.json and one step's EMA weights."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    _, params, config = tiny_model_and_params()
+    run = tmp_path / "run"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(run / "checkpoints" / "12" / "ema_params", params)
+    (run / "config.json").write_text(config.to_json())
+    return run
+
+
+def test_export_never_writes_over_its_input_or_into_the_run(tmp_path, capsys):
+    run = _train_run(tmp_path)
+    model = export.export(run, tmp_path / "m.msgpack")
+    linked = tmp_path / "linked.msgpack"
+    os.link(model, linked)  # the same file under another name
+    files = {p: p.read_bytes() for p in (model, run / "config.json")}
+    cases = [(model, model, "is the input"), (model, linked, "is the input"),
+             (run, run / "config.json", f"lies inside the train.py run {run}"),
+             (run / "checkpoints/12", run / "model.msgpack", f"lies inside the train.py run {run}"),
+             (run / "checkpoints", run / "checkpoints/12/x.msgpack", "lies inside")]
+    for source, out, says in cases:
+        with pytest.raises(SystemExit) as e:
+            export.main([str(source), str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"OUT {out} {says}" in err, err
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+    # The run's eval/ folder takes results; beside the run is fine too.
+    assert export.main([str(run), str(run / "eval/m.msgpack")]) == 0
+    assert export.main([str(run / "checkpoints/12"), str(tmp_path / "run-12.msgpack")]) == 0
+
+
+def test_a_model_file_whose_config_does_not_fit_its_weights_is_named(tmp_path, capsys):
+    from bsmamba2_jax import separate_cli
+
+    _, params, config = tiny_model_and_params()
+    edited = config.copy_and_resolve_references()
+    edited.model.dim = config.model.dim * 2  # e.g. a hand-edited config
+    path = export.save_model(tmp_path / "edited.msgpack", params, edited)
+    with pytest.raises(ValueError, match=rf"{path}: its weights do not fit its model config "
+                                         rf"BSMamba2\(.*dim={edited.model.dim}.*\): params/"):
+        load_model(path)
+    song = tmp_path / "song.wav"
+    sf = pytest.importorskip("soundfile")
+    sf.write(str(song), np.zeros((4410, 2), np.float32) + 0.1, 44100)
+    assert separate_cli.main([str(song), "-o", str(tmp_path / "out"), "--checkpoint",
+                              str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "do not fit" in err
+    assert export.main([str(path), str(tmp_path / "again.msgpack")]) == 1
+    assert "its weights do not fit its model config" in capsys.readouterr().err
+    assert not (tmp_path / "again.msgpack").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_named_and_keeps_the_earlier_file(tmp_path, capsys):
+    """The partial model file sits on a full device (/dev/full: writes fail with ENOSPC, as on
+    a full disk)."""
+    _, params, config = tiny_model_and_params()
+    source = export.save_model(tmp_path / "m.msgpack", params, config)
+    out = tmp_path / "out.msgpack"
+    out.write_bytes(b"an earlier model file")
+    (tmp_path / f".out.msgpack.{os.getpid()}.partial").symlink_to("/dev/full")
+    assert export.main([str(source), str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write {out}: the disk is full (No space left on device); nothing was "
+        "left behind: free some space there or choose another OUT\n")
+    assert out.read_bytes() == b"an earlier model file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.msgpack", "out.msgpack"]

@@ -4,6 +4,7 @@ with the tiny model file."""
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,15 +265,21 @@ def test_all_inputs_bad_never_loads_the_model(tmp_path):
     assert _failed(results)
 
 
-def test_a_failure_mid_file_leaves_no_output_and_others_run(tmp_path):
+def _failing_on_call(n: int):
+    """Stand-in model that runs out of memory on its n-th call (vocals = half otherwise)."""
     calls = []
 
     def flaky(batch):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (stand-in)")
         return 0.5 * batch
 
+    return flaky
+
+
+def test_a_failure_mid_file_leaves_no_output_and_others_run(tmp_path):
+    flaky = _failing_on_call(2)
     first = _write(tmp_path / "first.wav", _noise(2, 1.0, seed=11))
     second = _write(tmp_path / "second.wav", _noise(2, 0.3, seed=12))
     results = _run([first, second], tmp_path / "out", _separator(flaky))
@@ -302,6 +309,96 @@ def test_two_inputs_of_one_name_the_second_fails(tmp_path):
     assert list(failed) == ["song.wav"] and str(two) in failed["song.wav"]
     v, _ = _read(tmp_path / "out/song/vocals.wav")
     np.testing.assert_allclose(v, 0.5 * _read(one)[0], atol=1e-7)
+
+
+def _never_loaded():
+    raise AssertionError("the model was loaded although nothing may be written")
+
+
+def test_a_second_run_into_the_same_output_is_refused_before_model_work(tmp_path, capsys):
+    first, second = _noise(2, 0.5, seed=21), _noise(2, 0.5, seed=22)
+    song = _write(tmp_path / "song.wav", first)
+    assert not _failed(_run([song], tmp_path / "out"))
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "out/song").iterdir()}
+    _write(song, second)  # the same name again, another mixture
+    err = _failed(_run([song], tmp_path / "out", _never_loaded))["song.wav"]
+    assert f"{tmp_path / 'out/song'} already holds a separation" in err
+    assert "accompaniment.wav" in err and "--overwrite" in err and "another -o" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out/song").iterdir()} == earlier
+    # --overwrite replaces it.
+    assert not _failed(_run([song], tmp_path / "out", overwrite=True))
+    v, _ = _read(tmp_path / "out/song/vocals.wav")
+    np.testing.assert_allclose(v, 0.5 * second, atol=1e-7)
+    assert sorted(p.name for p in (tmp_path / "out/song").iterdir()) == [
+        "accompaniment.wav", "vocals.wav"]
+
+
+def test_overwrite_replaces_only_a_complete_separation(tmp_path):
+    """A failure mid-file keeps the earlier separation byte for byte; a complete one replaces
+    it, also in another format (no stale vocals.flac beside the new vocals.wav), and keeps the
+    folder's other files."""
+    song = _write(tmp_path / "song.wav", _noise(2, 1.0, seed=23))
+    assert not _failed(_run([song], tmp_path / "out", fmt="flac"))
+    folder = tmp_path / "out/song"
+    (folder / "notes.txt").write_text("mine")
+    earlier = {p.name: p.read_bytes() for p in folder.iterdir()}
+    failed = _failed(_run([song], tmp_path / "out", _separator(_failing_on_call(2)),
+                          overwrite=True))
+    assert "RESOURCE_EXHAUSTED" in failed["song.wav"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier  # no partial files
+    assert not _failed(_run([song], tmp_path / "out", overwrite=True))
+    assert sorted(p.name for p in folder.iterdir()) == ["accompaniment.wav", "notes.txt",
+                                                       "vocals.wav"]
+
+
+def test_help_says_how_an_existing_output_is_treated():
+    text = " ".join(separate_cli.build_parser().format_help().split())
+    assert "refused if that already holds a separation" in text
+    assert "--overwrite replace an earlier separation in OUTPUT/<name>/" in text
+
+
+def test_nothing_is_written_into_the_run_that_checkpoint_reads(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints/12/ema_params").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    song = _write(tmp_path / "song.wav", _noise(2, 0.2))
+    for checkpoint, out in [(run, run), (run / "checkpoints/12", run / "checkpoints"),
+                            (run / "checkpoints/12", run / "separated")]:
+        code = separate_cli.main([str(song), "-o", str(out), "--checkpoint", str(checkpoint),
+                                  "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"-o {out} lies inside the train.py run {run}" in err and "outside" in err
+    assert not (run / "song").exists() and not (run / "separated").exists()
+    assert not (run / "checkpoints/song").exists()
+
+
+def test_the_model_file_is_never_an_output(tmp_path):
+    (tmp_path / "vocals").mkdir()
+    model = tmp_path / "vocals/vocals.wav"  # the model file, named like an output
+    model.write_bytes(b"model bytes")
+    song = _write(tmp_path / "vocals.wav", _noise(2, 0.2))
+    err = _failed(_run([song], tmp_path, _never_loaded, model=model))["vocals.wav"]
+    assert f"is the input {model}" in err and "never overwritten" in err
+    assert model.read_bytes() == b"model bytes"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_named_and_leaves_no_partial_output(tmp_path, capsys):
+    """The partial vocals file sits on a full device (/dev/full: every write fails with ENOSPC,
+    as on a full disk); libsndfile alone reports only "System error."."""
+    song = _write(tmp_path / "song.wav", _noise(2, 1.0, seed=24))
+    other = _write(tmp_path / "other.wav", _noise(2, 0.3, seed=25))
+    folder = tmp_path / "out/song"
+    folder.mkdir(parents=True)
+    (folder / ".vocals.wav.partial").symlink_to("/dev/full")
+    results = _run([song, other], tmp_path / "out")
+    err = _failed(results)["song.wav"]
+    assert err == (f"{song}: cannot write {folder / 'vocals.wav'}: the disk is full (No space "
+                   "left on device); nothing was left behind: free some space there or choose "
+                   "another -o folder")
+    assert list(folder.iterdir()) == []  # neither stem nor partial file
+    assert (tmp_path / "out/other/vocals.wav").is_file()  # the next file still runs
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tracemalloc
 import zipfile
 import zlib
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_reads_only_the_storages_asked_for(monkeypatch):
     read = []
     original = tc.TorchCheckpoint.read_record
     monkeypatch.setattr(tc.TorchCheckpoint, "read_record",
-                        lambda self, name: read.append(name) or original(self, name))
+                        lambda self, name, *part: read.append(name) or original(self, name, *part))
     with tc.read_checkpoint(AUTHORS) as ckpt:
         assert not [r for r in read if r.startswith("data/")]  # opening reads no tensor bytes
         t = ckpt.root["state_dict"]["model.final_norm.gamma"]
@@ -183,3 +184,77 @@ def test_is_torch_checkpoint_on_real_files(tmp_path):
     assert tc.is_torch_checkpoint(AUTHORS) and tc.is_torch_checkpoint(MSST)
     renamed = shutil.copy(VIEWS, tmp_path / "weights.bin")  # the name does not matter
     assert tc.is_torch_checkpoint(renamed)
+
+
+def _peak_bytes(fn):
+    """(fn(), the peak of Python-traced memory while it ran, in bytes; NumPy's buffers count)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("compression,storage_mb", [(zipfile.ZIP_DEFLATED, 256),
+                                                    (zipfile.ZIP_STORED, 64)],
+                         ids=["deflated", "stored"])
+def test_a_view_reads_only_the_bytes_it_spans(tmp_path, compression, storage_mb):
+    """A 1 MB view near the end of a big storage (torch.save keeps a view's whole storage):
+    reading it needs a few times its own bytes, not the storage's."""
+    rng = _rng(f"test_a_view_reads_only_the_bytes_it_spans{storage_mb}")
+    storage = np.zeros(storage_mb << 18, np.float32)  # storage_mb MB; calloc'ed, untouched
+    want = rng.standard_normal((256, 1024)).astype(np.float32)  # 1 MB
+    offset = storage.size - want.size - 1000
+    storage[offset:offset + want.size] = want.reshape(-1)
+    path = write_torch_zip(tmp_path / "view.pt", {"w": Tensor(storage, shape=want.shape,
+                                                              offset=offset)},
+                           compression=compression)
+    del storage
+    with tc.read_checkpoint(path) as ckpt:
+        got, peak = _peak_bytes(ckpt.root["w"].numpy)
+    np.testing.assert_array_equal(got, want)
+    assert peak < 4 * want.nbytes, f"peak {peak / 2**20:.1f} MiB to read a 1 MiB view"
+
+
+def _patch_declared_size(path: Path, record: str, size: int) -> None:
+    """Makes the zip's local header and central directory declare `size` bytes for `record`
+    (its compressed size too when it is stored), as a damaged or crafted file would."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(record)
+    blob = bytearray(path.read_bytes())
+    central = blob.rfind(record.encode()) - 46  # the name follows a 46-byte directory entry
+    assert blob[central:central + 4] == b"PK\x01\x02"
+    fields = [(info.header_offset + 22, central + 24)]  # uncompressed size
+    if info.compress_type == zipfile.ZIP_STORED:
+        fields.append((info.header_offset + 18, central + 20))  # compressed size
+    for local, directory in fields:
+        blob[local:local + 4] = blob[directory:directory + 4] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED],
+                         ids=["deflated", "stored"])
+def test_declared_sizes_the_file_cannot_hold_are_refused_before_reading(tmp_path, compression):
+    """A record declaring 4 GiB (in a file of a few kB) is refused by name, allocating nothing
+    of that size: a deflated record cannot inflate past 1032:1, a stored one past the file."""
+    numel = (2**32 - 4) // 4
+    path = write_torch_zip(tmp_path / "lie.pt", {"w": Tensor(np.zeros(7000, np.float32),
+                                                             shape=(numel,), numel=numel)},
+                           compression=compression)
+    _patch_declared_size(path, "archive/data/0", numel * 4)
+    with pytest.raises(tc.ImplausibleSizeError,
+                       match=r"lie.pt: record archive/data/0 declares 4,294,967,292 bytes"):
+        _, peak = _peak_bytes(lambda: tc.read_checkpoint(path).root["w"].numpy())
+    assert tracemalloc.get_traced_memory() == (0, 0)  # tracing stopped: the error came first
+
+
+def test_a_view_repeating_its_storage_is_refused(tmp_path):
+    """A broadcast (stride 0) view of 2**40 elements over one float: no weight is one, and
+    materialising it would need 4 TiB."""
+    path = write_torch_zip(tmp_path / "x.pt", {"w": Tensor(np.ones(1, np.float32),
+                                                           shape=(2**20, 2**20), stride=(0, 0))})
+    with tc.read_checkpoint(path) as ckpt, pytest.raises(tc.ImplausibleSizeError,
+                                                         match="repeats the 1 elements"):
+        ckpt.root["w"].numpy()

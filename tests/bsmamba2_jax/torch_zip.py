@@ -57,12 +57,14 @@ class Tensor:
     shape: tuple | None = None
     stride: tuple | None = None
     offset: int = 0
+    numel: int | None = None  # the storage size the pickle declares (default: data.size)
 
 
 @dataclasses.dataclass(eq=False)
 class _Storage:
     key: str
     data: np.ndarray
+    numel: int
 
 
 class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can be extended
@@ -70,14 +72,14 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
 
     def __init__(self, f: Any, byteorder: str) -> None:
         super().__init__(f, protocol=2)
-        self.records: dict[str, bytes] = {}
+        self.records: dict[str, bytes | np.ndarray] = {}
         self.byteorder = byteorder
         self._storage_ids: dict[int, _Storage] = {}
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Storage):
             return ("storage", Global("torch", STORAGE_NAMES[obj.data.dtype.name]), obj.key,
-                    "cpu", obj.data.size)
+                    "cpu", obj.numel)
         return None
 
     def _save_global(self, obj: Global) -> None:
@@ -97,8 +99,10 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
             key = str(len(self._storage_ids))
             flat = np.ascontiguousarray(t.data).reshape(-1)
             order = "<" if self.byteorder == "little" else ">"
-            self.records[f"data/{key}"] = flat.astype(flat.dtype.newbyteorder(order)).tobytes()
-            self._storage_ids[id(t.data)] = _Storage(key, flat)
+            # Kept as an array: written a chunk at a time, so a test can write a big storage.
+            self.records[f"data/{key}"] = flat.astype(flat.dtype.newbyteorder(order), copy=False)
+            self._storage_ids[id(t.data)] = _Storage(key, flat,
+                                                     flat.size if t.numel is None else t.numel)
         storage = self._storage_ids[id(t.data)]
         shape = tuple(t.shape if t.shape is not None else np.shape(t.data))
         stride = t.stride
@@ -114,18 +118,31 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
     dispatch[Tensor] = _save_tensor
 
 
+CHUNK = 1 << 22  # bytes of a storage written at a time
+
+
 def write_torch_zip(path: str | Path, obj: Any, prefix: str = "archive",
-                    byteorder: str = "little", records: dict[str, bytes] | None = None) -> Path:
-    """Writes `obj` as torch.save would; `records` adds or replaces raw records."""
+                    byteorder: str = "little", records: dict[str, bytes] | None = None,
+                    compression: int = zipfile.ZIP_STORED) -> Path:
+    """Writes `obj` as torch.save would; `records` adds or replaces raw records.
+
+    compression: zipfile.ZIP_STORED as torch.save, or ZIP_DEFLATED as a re-zipped file has.
+    """
     buf = io.BytesIO()
     pickler = _Pickler(buf, byteorder)
     pickler.dump(obj)
     all_records = {"data.pkl": buf.getvalue(), "byteorder": byteorder.encode(),
                    "version": b"3\n", **pickler.records, **(records or {})}
     path = Path(path)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in all_records.items():
-            zf.writestr(f"{prefix}/{name}", data)
+            if isinstance(data, bytes):
+                zf.writestr(f"{prefix}/{name}", data)
+                continue
+            step = max(1, CHUNK // data.itemsize)
+            with zf.open(f"{prefix}/{name}", "w", force_zip64=data.nbytes > 2**31) as f:
+                for i in range(0, data.size, step):
+                    f.write(data[i:i + step].tobytes())
     return path
 
 
