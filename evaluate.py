@@ -373,6 +373,7 @@ def evaluate(config: Any, opts: Options) -> dict:
             results={label: r[3] for label, r in here.items()},
             run_dirs={label: r[2] for label, r in here.items()}, tracks=tracks, sweeps=sweeps,
             sweep_png=png, selection=opts.report_tracks or html_report.Selection(),
+            listen=opts.report_excerpts > 0,
             audio_format=opts.report_audio, rate=rate)
         size = sum(p.stat().st_size for p in page.parent.rglob("*") if p.is_file())
         print(f"report: {page} ({size / 2**20:.1f} MiB)")

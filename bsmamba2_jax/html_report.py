@@ -266,8 +266,9 @@ def listening(folder: Path, labels: Sequence[str], names: Sequence[str],
         parts.append(f'<section class="track" id="{anchor}"><h3>{esc(name)}</h3>'
                      f'<p class="muted">{scores}</p>')
         if not spans:
-            parts.append('<p class="muted">No excerpt: the reference vocals have neither an onset '
-                         'nor a silent second.</p></section>')
+            why = ("no clips were stored for this track" if spans is None else
+                   "the reference vocals have neither an onset nor a silent second")
+            parts.append(f'<p class="muted">No excerpt: {why}.</p></section>')
             continue
         track = tracks[name]
         mixture = eval_io.read_audio(eval_io.stem_path(track, "mixture"), rate)
@@ -300,7 +301,7 @@ def write_report(folder: str | Path, *, split: str, settings: Mapping[str, Any],
                  run_dirs: Mapping[str, str | Path], tracks: Sequence[Any],
                  sweeps: Mapping[str, Mapping[float, dict]] | None = None,
                  sweep_png: str | Path | None = None, selection: Selection = Selection(),
-                 audio_format: str = "ogg", rate: int = 44100) -> Path:
+                 listen: bool = True, audio_format: str = "ogg", rate: int = 44100) -> Path:
     """Writes the report folder; returns the path of its report.html.
 
     Args:
@@ -314,7 +315,8 @@ def write_report(folder: str | Path, *, split: str, settings: Mapping[str, Any],
       tracks: the evaluated tracks (`bsmamba2_jax.data.Track`s or folders), for the mixture and
         reference clips.
       sweeps, sweep_png: Table IV ({label: {seconds: summary}}) and its plot, when swept.
-      selection: which tracks get excerpts. audio_format: a key of AUDIO_FORMATS.
+      selection: which tracks get excerpts; listen: False = tables only (no excerpts kept).
+      audio_format: a key of AUDIO_FORMATS.
     """
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"Unknown audio format {audio_format!r}; choose one of "
@@ -323,7 +325,8 @@ def write_report(folder: str | Path, *, split: str, settings: Mapping[str, Any],
     labels = list(identities)
     by_track = {label: {r["name"]: r for r in results[label]} for label in labels}
     names = [r["name"] for r in results[labels[0]]]
-    chosen = selection.pick(names, {n: r.get("usdr") for n, r in by_track[labels[0]].items()})
+    chosen = (selection.pick(names, {n: r.get("usdr") for n, r in by_track[labels[0]].items()})
+              if listen else [])
     track_of = {eval_io.track_name(t): t for t in tracks}
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -393,8 +396,9 @@ leakage: median over tracks.</p>
 <p class="muted">Click a column's header to sort by it (again to reverse).</p>
 {tracks_html}
 <h2>Listening</h2>
-<p class="muted">Excerpts of {esc(selection.describe())} ({chosen}): vocal onsets after the
-longest silences and the longest silent stretch of the reference vocals. Mel spectrograms
+<p class="muted">Excerpts of {esc(selection.describe() if chosen else "no track")}
+({chosen}): vocal onsets after the longest silences and the longest silent stretch of the
+reference vocals. Mel spectrograms
 (0-16 kHz, low frequencies at the bottom) of one excerpt share one scale, dB relative to its
 loudest bin: <img class="scale" src="{MEDIA}/scale.png" alt="colour scale"> -80 to 0 dB.</p>
 {sound_html}

@@ -213,6 +213,21 @@ def test_report_of_the_worst_track_in_ogg_replaces_the_old_folder(test_tracks, t
     assert not list(tmp_path.glob(".report.*"))  # no temporary folder left
 
 
+def test_report_without_excerpts_has_the_tables_and_says_why_there_is_no_audio(test_tracks,
+                                                                               tmp_path):
+    inputs = _two_models(test_tracks, tmp_path / "runs", count=0)  # nothing kept
+    assert not (tmp_path / "runs" / "gain0.3" / "excerpts").exists()
+    tables_only = html_report.write_report(tmp_path / "a", split="test", settings={},
+                                           tracks=test_tracks, listen=False, **inputs)
+    page = tables_only.read_text()
+    assert "<audio" not in page and 'id="tracks"' in page and "Table III" in page
+    assert "Excerpts of no track (0)" in " ".join(page.split())
+    assert sorted(p.name for p in (tmp_path / "a" / "media").iterdir()) == ["scale.png"]
+    asked = html_report.write_report(tmp_path / "b", split="test", settings={},
+                                     tracks=test_tracks, **inputs).read_text()
+    assert asked.count("No excerpt: no clips were stored for this track.") == len(test_tracks)
+
+
 @pytest.mark.parametrize("text, want", [("all", ("all", 0)), ("worst:5", ("worst", 5)),
                                         ("best:1", ("best", 1))])
 def test_track_selection_parses(text, want):
