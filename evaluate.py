@@ -5,6 +5,8 @@
         [--weights=raw|ema] [--dtype=checkpoint|float32|float16|bfloat16]
         [--split=test] [--segment_seconds=8] [--overlap=0] [--shifts=1] [--sweep=1,2,4,8,12,16]
         [--museval] [--write_audio] [--force] [--batch_size=0] [--max_tracks=0]
+        [--noreport] [--report_excerpts=3] [--report_tracks=all|worst:N|best:N]
+        [--report_audio=ogg|flac]
 
 Each --checkpoint is a train.py workdir (its default step), a checkpoint step directory, a model
 file (`python -m bsmamba2_jax.export`) or the authors' PyTorch checkpoint (sota_model.ckpt, ...;
@@ -20,6 +22,11 @@ folder per weights: a rerun reuses the tracks its own weights scored, never anot
 (--force scores them again). Tables II and III use --segment_seconds, which --sweep adds to its
 lengths. With several checkpoints the side-by-side tables, and with --sweep one plot with a line
 per model, go to DIR/eval/<split>/comparison/<labels>/.
+
+The HTML report (bsmamba2_jax/html_report.py) goes to report/report.html beside the tables: in
+the run folder for one checkpoint, in the comparison folder for several. Its excerpts are clips
+of each estimate that scoring keeps (excerpts/<track>/ in the run folder): a stored result
+without them (or with another --report_excerpts) is scored again.
 """
 
 from __future__ import annotations
@@ -57,6 +64,14 @@ flags.DEFINE_bool("museval", False, "Also run full museval (SDR/ISR/SIR/SAR) and
 flags.DEFINE_bool("write_audio", False, "Write vocals/accompaniment estimates as wav.")
 flags.DEFINE_bool("force", False, "Score tracks again even when their results are stored.")
 flags.DEFINE_bool("progress", True, "Show a progress bar over tracks.")
+flags.DEFINE_bool("report", True, "Write report/report.html beside the tables: tables, a "
+                  "sortable per-track table and audio excerpts with mel spectrograms.")
+flags.DEFINE_integer("report_excerpts", 3, "Excerpts per track in the report: its longest "
+                     "silent stretch and vocal onsets, 4 s each (0 = tables only).")
+flags.DEFINE_string("report_tracks", "all", "Tracks with excerpts in the report: all, worst:N "
+                    "or best:N by the first model's uSDR.")
+flags.DEFINE_enum("report_audio", "ogg", ["ogg", "flac"], "Report audio: Ogg Vorbis (small) "
+                  "or 16-bit FLAC (lossless).")
 
 MAX_SEGMENT_SECONDS = 600.0  # longer segments only run out of memory
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+@()-]{0,39}$")
@@ -82,6 +97,10 @@ class Options:
     write_audio: bool = False
     force: bool = False
     progress: bool = True
+    report: bool = True
+    report_excerpts: int = 3  # clips per track; 0 = tables only
+    report_tracks: Any = None  # html_report.Selection; None = all
+    report_audio: str = "ogg"
 
     @property
     def lengths(self) -> tuple[float, ...]:
@@ -107,7 +126,8 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
                   sweep: Sequence[str] = (), overlap: Any = 0.0, shifts: int = 1,
                   batch_size: int = 0, max_tracks: int = 0, museval: bool = False,
                   write_audio: bool = False, force: bool = False,
-                  progress: bool = True) -> Options:
+                  progress: bool = True, report: bool = True, report_excerpts: int = 3,
+                  report_tracks: str = "all", report_audio: str = "ogg") -> Options:
     """Every flag checked before any data or model work; app.UsageError names the flag and range.
 
     `sweep` is the raw list of --sweep's comma-separated strings.
@@ -155,7 +175,8 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
         raise app.UsageError(f"--overlap={overlap!r}: give a fraction of a segment in [0, 1) "
                              "(the paper uses 0)")
     for flag, value, least in (("shifts", shifts, 1), ("batch_size", batch_size, 0),
-                               ("max_tracks", max_tracks, 0)):
+                               ("max_tracks", max_tracks, 0), ("report_excerpts",
+                                                               report_excerpts, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise app.UsageError(f"--{flag}={value!r}: give an integer >= {least}")
     from bsmamba2_jax.write_guard import OutputPathError, check_output
@@ -165,12 +186,23 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
                      "folder", fix="pass the run itself as --workdir (results go to its eval/)")
     except OutputPathError as e:
         raise app.UsageError(str(e)) from e
+    from bsmamba2_jax import html_report
+
+    try:
+        selection = html_report.Selection.parse(report_tracks)
+    except ValueError as e:
+        raise app.UsageError(f"--report_tracks: {e}") from e
+    if report_audio not in html_report.AUDIO_FORMATS:
+        raise app.UsageError(f"--report_audio={report_audio!r}: choose "
+                             f"{' or '.join(html_report.AUDIO_FORMATS)}")
     return Options(workdir=Path(workdir), checkpoints=checkpoints,
                    labels=labels or (None,) * len(checkpoints), weights=weights,
                    dtype=None if dtype == "checkpoint" else dtype, split=split,
                    segment_seconds=seconds, sweep=tuple(lengths), overlap=overlap_value,
                    shifts=shifts, batch_size=batch_size, max_tracks=max_tracks, museval=museval,
-                   write_audio=write_audio, force=force, progress=progress)
+                   write_audio=write_audio, force=force, progress=progress, report=report,
+                   report_excerpts=report_excerpts, report_tracks=selection,
+                   report_audio=report_audio)
 
 
 # ----------------------------------------------------------------------------- steps of a run
@@ -250,8 +282,9 @@ def load_candidates(config: Any, opts: Options) -> list[Candidate]:
 
 
 def score(candidate: Candidate, tracks: list, seconds: float, opts: Options, base: Path,
-          rate: int, data_root: str) -> tuple[dict, dict, Path]:
-    """One model at one segment length over the tracks -> (summary, onset table, folder)."""
+          rate: int, data_root: str) -> tuple[dict, dict, Path, list[dict]]:
+    """One model at one segment length over the tracks -> (summary, onset table, folder,
+    per-track results). The report's excerpts are kept at --segment_seconds only."""
     from bsmamba2_jax import eval_io, evaluation, inference, reports
 
     out_dir = base / candidate.identity["key"] / eval_io.run_tag(seconds, opts.overlap,
@@ -267,9 +300,10 @@ def score(candidate: Candidate, tracks: list, seconds: float, opts: Options, bas
         vocals_fn, tracks, out_dir, producer=producer, force=opts.force,
         save_audio=opts.write_audio, run_museval=opts.museval, rate=rate,
         compute_dtype=candidate.identity["model"].get("dtype"),
-        desc=f"{candidate.label} {opts.split} {seconds:g}s", progress=opts.progress)
+        desc=f"{candidate.label} {opts.split} {seconds:g}s", progress=opts.progress,
+        excerpts=opts.report_excerpts if opts.report and seconds == opts.segment_seconds else 0)
     return (reports.summarize(results, candidate.identity), reports.onset_summary(results),
-            out_dir)
+            out_dir, results)
 
 
 def evaluate(config: Any, opts: Options) -> dict:
@@ -277,9 +311,10 @@ def evaluate(config: Any, opts: Options) -> dict:
 
     Returns {"models": {label: identity}, "summary": {label: Table II summary},
     "onset": {label: Table III}, "sweep": {label: {seconds: summary}} (with --sweep),
-    "out_dirs": {label: {seconds: folder}}, "report_dir": folder of the sweep/comparison files}.
+    "out_dirs": {label: {seconds: folder}}, "report_dir": folder of the sweep/comparison files,
+    "report": the HTML report's page (unless --noreport)}.
     """
-    from bsmamba2_jax import plots, reports
+    from bsmamba2_jax import html_report, plots, reports
 
     try:
         root, tracks = dataset_tracks(config, opts.workdir, opts.split, opts.max_tracks)
@@ -289,7 +324,7 @@ def evaluate(config: Any, opts: Options) -> dict:
     rate = int(config.data.sample_rate)
     base = opts.workdir / "eval" / opts.split
 
-    runs: dict[str, dict[float, tuple[dict, dict, Path]]] = {}
+    runs: dict[str, dict[float, tuple[dict, dict, Path, list[dict]]]] = {}
     for c in candidates:
         runs[c.label] = {s: score(c, tracks, s, opts, base, rate, str(root))
                          for s in opts.lengths}
@@ -319,6 +354,7 @@ def evaluate(config: Any, opts: Options) -> dict:
         names = "+".join(re.sub(r"[^A-Za-z0-9._@-]+", "-", label).strip("-") for label in runs)
         report_dir = base / "comparison" / names / f"seg{opts.segment_seconds:g}_{tag}"
         stem = report_dir / "sweep"
+    sweeps, png = None, None
     if opts.sweep:
         sweeps = {label: {s: run[s][0] for s in opts.sweep} for label, run in runs.items()}
         reports.write_sweep(stem, sweeps)
@@ -333,6 +369,22 @@ def evaluate(config: Any, opts: Options) -> dict:
     print("\n" + text)
     for label, run in runs.items():
         print(f"{label}: results in {run[opts.segment_seconds][2]}")
+    if opts.report:
+        here = {label: run[opts.segment_seconds] for label, run in runs.items()}
+        tables_dir = report_dir if len(candidates) > 1 else next(iter(here.values()))[2]
+        page = html_report.write_report(
+            tables_dir / "report", split=opts.split, settings={
+                "segment_seconds": opts.segment_seconds, "overlap": opts.overlap,
+                "shifts": opts.shifts, "sample_rate": rate, "data_root": str(root)},
+            identities=identities, summaries=summaries, onsets=onsets,
+            results={label: r[3] for label, r in here.items()},
+            run_dirs={label: r[2] for label, r in here.items()}, tracks=tracks, sweeps=sweeps,
+            sweep_png=png, selection=opts.report_tracks or html_report.Selection(),
+            listen=opts.report_excerpts > 0,
+            audio_format=opts.report_audio, rate=rate)
+        size = sum(p.stat().st_size for p in page.parent.rglob("*") if p.is_file())
+        print(f"report: {page} ({size / 2**20:.1f} MiB)")
+        out["report"] = str(page)
     return out
 
 
@@ -347,7 +399,8 @@ def main(argv: list[str]) -> None:
         segment_seconds=FLAGS.segment_seconds, sweep=FLAGS.sweep, overlap=FLAGS.overlap,
         shifts=FLAGS.shifts, batch_size=FLAGS.batch_size, max_tracks=FLAGS.max_tracks,
         museval=FLAGS.museval, write_audio=FLAGS.write_audio, force=FLAGS.force,
-        progress=FLAGS.progress)
+        progress=FLAGS.progress, report=FLAGS.report, report_excerpts=FLAGS.report_excerpts,
+        report_tracks=FLAGS.report_tracks, report_audio=FLAGS.report_audio)
     try:
         evaluate(FLAGS.config, opts)
     except ValueError as e:

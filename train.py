@@ -23,6 +23,7 @@ import hashlib
 import logging as std_logging
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from bsmamba2_jax.train import sharding as shard_lib
 from bsmamba2_jax.train import workdir as workdir_lib
 from bsmamba2_jax.train.build import ShardedParts, TrainParts, build, shard
 from bsmamba2_jax.train.state import TrainState
-from bsmamba2_jax.train.validate import validate
+from bsmamba2_jax.train.validate import ExampleWindow, choose_examples, validate
 from bsmamba2_jax.train.writers import MetricWriter, Progress
 
 FLAGS = flags.FLAGS
@@ -255,17 +256,19 @@ def restore_or_init(config: ml_collections.ConfigDict, parts: TrainParts, run: S
 
 def run_validation(config, run: ShardedParts, state: TrainState, step: int,
                    val_set: data_lib.ValidationSet, checkpointer: ckpt_lib.Checkpointer,
-                   writer: MetricWriter) -> dict:
-    """Validates the EMA weights, logs the scores and keeps the step if it ranks among the best."""
+                   writer: MetricWriter, examples: Sequence[ExampleWindow] = ()) -> dict:
+    """Validates the EMA weights, logs the scores (and the example windows' audio) and keeps the
+    step if it ranks among the best."""
     checkpointer.wait()  # a failed save must stop the run before more work is done
-    metrics = validate(run.eval_step, state.ema_params, val_set, run.mesh,
-                       config.eval_batch_size)
+    metrics, kept = validate(run.eval_step, state.ema_params, val_set, run.mesh,
+                             config.eval_batch_size, keep=[e.index for e in examples])
     entered = checkpointer.save_selected(step, state, metrics)
     if jax.process_index() == 0:
         logging.info("step %d validation (EMA): %s%s", step,
                      {k: round(v, 4) for k, v in metrics.items()},
                      f"; kept in {', '.join(entered)}" if entered else "")
     writer.write(step, metrics, prefix="val/")
+    writer.write_examples(step, examples, kept)
     return metrics
 
 
@@ -276,6 +279,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, run: ShardedPar
     validation metrics."""
     step = int(state.step)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    examples = (choose_examples(val_set, config.tensorboard_examples, seed=config.seed)
+                if writer.tensorboard else [])
     progress = Progress(step, config.total_steps, config.data.batch_size)
     stop = StopRequest()
     val_metrics: dict = {}
@@ -308,7 +313,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, run: ShardedPar
                 checkpointer.save(step, state, data_iter, force=True)
             if not stopping and (last or (config.eval_every and step % config.eval_every == 0)):
                 val_metrics = run_validation(config, run, state, step, val_set, checkpointer,
-                                             writer)
+                                             writer, examples)
             if stopping:
                 logging.warning("Stopped at step %d on request; checkpoint saved", step)
                 break

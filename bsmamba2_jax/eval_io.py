@@ -6,7 +6,9 @@ Layout of one evaluation run (evaluate.py writes it):
         tracks/<name>.json          every score of the track and its producer (model + settings)
         tracks/<name>.museval.json  full museval (SDR/ISR/SIR/SAR per frame) when asked
         audio/<name>/{vocals,accompaniment}.wav   estimates, when asked
+        excerpts/<name>/            the estimate's clips for the HTML report (bsmamba2_jax.excerpts)
         scores.csv, summary.json, onset.json, onset.csv   (bsmamba2_jax.reports)
+        report/report.html, report/media/   the HTML report (bsmamba2_jax.html_report)
 
 The model key (`model_identity`) names the weights by step, kind and a digest of the parameters and
 the model config, so the results of other weights never share a folder; each per-track file also

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bsmamba2_jax import eval_io, metrics, reports
+from bsmamba2_jax import excerpts as excerpts_lib
 from bsmamba2_jax.data.musdb import SAMPLE_RATE
 
 # Bumped whenever a stored score would change meaning: results of another version are rescored.
@@ -169,7 +170,8 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
                     producer: Mapping[str, Any] | None = None, force: bool = False,
                     save_audio: bool = False, run_museval: bool = False,
                     rate: int = SAMPLE_RATE, compute_dtype: str | None = None,
-                    desc: str = "tracks", progress: bool = True) -> list[dict]:
+                    desc: str = "tracks", progress: bool = True,
+                    excerpts: int = 0) -> list[dict]:
     """Separates and scores every track; reuses stored results of the same producer.
 
     Args:
@@ -183,6 +185,9 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
       save_audio, run_museval: also write the estimates / full museval scores (a stored result
         without them is scored again).
       compute_dtype: the model's compute dtype, named in the error for a non-finite estimate.
+      excerpts: keep this many clips of each track's estimate for the HTML report
+        (`bsmamba2_jax.excerpts.save`, in excerpts/<name>/); a stored result without them is
+        scored again.
     Returns:
       the per-track result dicts (with "name"), in track order: `score_track`'s scores plus
       mixture_residual_db (`eval_io.mixture_residual_db`; None without the other stems) and
@@ -207,9 +212,11 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
         path = out_dir / "tracks" / f"{name}.json"
         museval_path = out_dir / "tracks" / f"{name}.museval.json"
         audio_dir = out_dir / "audio" / name
+        excerpt_dir = out_dir / "excerpts" / name
         stored = None if force else eval_io.read_result(path, producer)
         if (stored is not None and (not run_museval or museval_path.is_file())
-                and (not save_audio or (audio_dir / "vocals.wav").is_file())):
+                and (not save_audio or (audio_dir / "vocals.wav").is_file())
+                and (not excerpts or excerpts_lib.load(excerpt_dir, excerpts) is not None)):
             results.append(stored)
             continue
         if path.is_file() and not force:
@@ -239,6 +246,8 @@ def evaluate_tracks(vocals_fn: VocalsFn, tracks: Iterable[Any], out_dir: str | P
             eval_io.write_audio(audio_dir / "vocals.wav", estimate, rate)
             eval_io.write_audio(audio_dir / "accompaniment.wav", audio["mixture"] - estimate,
                                 rate)
+        if excerpts:
+            excerpts_lib.save(excerpt_dir, audio["vocals"], estimate, rate, excerpts)
         result["producer"] = json.loads(json.dumps(producer))
         eval_io.write_json(path, result)
         results.append(result)

@@ -17,6 +17,9 @@ default is dim 384. The yaml's dim 256 belongs to its BSMamba2 setting (`module_
 training set-up for BS-RoFormer (float16, 4 GPUs x batch 4, 4 accumulation steps: effective
 batch 64 against BSMamba2's 60); this config keeps BSMamba2's recipe, change
 `data.batch_size` / `optim.accum_steps` to follow Table I instead.
+
+Logging is configs/bsmamba2.py's too: `tensorboard_examples` (validation windows whose audio and
+mel spectrograms TensorBoard shows at each validation; 0 = scalars only) and `tensorboard`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import ml_collections
 RESUMABLE = (
     "total_steps", "log_every", "eval_every", "eval_batch_size", "ckpt_every",
     "keep_checkpoints", "keep_best", "async_checkpointing", "max_nonfinite_run",
-    "compilation_cache", "tensorboard", "init_from",
+    "compilation_cache", "tensorboard", "tensorboard_examples", "init_from",
     "optim.lr", "optim.clip_norm",
     "model.ssd_impl", "model.attn_impl", "model.remat", "model.group_tokens", "model.dtype",
     "model.chunk_size", "model.band_chunk_size",
@@ -102,7 +102,7 @@ def check_config(config: ml_collections.ConfigDict, process_count: int = 1) -> N
                   "data.worker_buffer_batches", "mesh.fsdp", "mesh.fsdp_min_size"):
         _int_at_least(config, field, 1)
     for field in ("eval_every", "keep_best", "data.num_workers", "data.synthetic_seed",
-                  "model.group_tokens"):
+                  "model.group_tokens", "tensorboard_examples"):
         _int_at_least(config, field, 0)
     if config.mesh.data != -1:
         _int_at_least(config, "mesh.data", 1)

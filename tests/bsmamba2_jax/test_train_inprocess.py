@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bsmamba2_jax.train.checkpoint import load_params
+from tests.bsmamba2_jax.test_train_examples import read_events
 from tests.bsmamba2_jax.test_train_loop import restore_numpy
 from tests.bsmamba2_jax.train_helpers import max_abs_diff, tiny_config
 from train import train_and_evaluate
@@ -23,6 +24,7 @@ def run_config(root, steps: int):
     config.data.validation_windows = 3
     config.total_steps = steps
     config.async_checkpointing = False
+    config.tensorboard = True  # with the example windows' audio and spectrograms
     return config
 
 
@@ -49,6 +51,15 @@ def test_train_and_evaluate_in_process(first_run):
     raw, _, step = load_params(workdir, "raw")
     ema, _, _ = load_params(workdir, "ema")
     assert step == 4 and max_abs_diff(raw, ema) > 1e-6
+    # TensorBoard: the scalars, and the audio of every validation window (3 < the 4 asked for).
+    values = [(e.step, v) for e in read_events(workdir / "tensorboard") for v in e.summary.value]
+    assert [step for step, v in values if v.tag == "val/usdr"] == [4]
+    shown = {v.tag: v.audio for step, v in values if v.HasField("audio") and step == 4}
+    assert sorted(shown) == [f"examples/{k}/{name}" for k in range(3)
+                             for name in ("estimate", "mixture", "reference")]
+    assert {(a.sample_rate, a.num_channels, a.length_frames) for a in shown.values()} == {
+        (44100, 1, int(0.25 * 44100))}
+    assert sum(v.HasField("image") for _, v in values) == 3
 
 
 @pytest.mark.slow
