@@ -179,13 +179,6 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
                                                                report_excerpts, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise app.UsageError(f"--{flag}={value!r}: give an integer >= {least}")
-    from bsmamba2_jax.write_guard import OutputPathError, check_output
-
-    try:  # never over a checkpoint, never into a run's step directories (its eval/ is fine)
-        check_output(Path(workdir) / "eval" / split, checkpoints, name="--workdir's results "
-                     "folder", fix="pass the run itself as --workdir (results go to its eval/)")
-    except OutputPathError as e:
-        raise app.UsageError(str(e)) from e
     from bsmamba2_jax import html_report
 
     try:
@@ -195,6 +188,13 @@ def check_options(*, workdir: str | None, checkpoints: Sequence[str] | None = No
     if report_audio not in html_report.AUDIO_FORMATS:
         raise app.UsageError(f"--report_audio={report_audio!r}: choose "
                              f"{' or '.join(html_report.AUDIO_FORMATS)}")
+    from bsmamba2_jax.write_guard import OutputPathError, check_output
+
+    try:  # never over a checkpoint, never into a run's step directories (its eval/ is fine)
+        check_output(Path(workdir) / "eval" / split, checkpoints, name="--workdir's results "
+                     "folder", fix="pass the run itself as --workdir (results go to its eval/)")
+    except OutputPathError as e:
+        raise app.UsageError(str(e)) from e
     return Options(workdir=Path(workdir), checkpoints=checkpoints,
                    labels=labels or (None,) * len(checkpoints), weights=weights,
                    dtype=None if dtype == "checkpoint" else dtype, split=split,

@@ -362,6 +362,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: Path,
         state = restore_or_init(config, parts, run, checkpointer, data_iter, init_weights)
         step = int(state.step)
         check_total_steps(config, step)
+        if step >= config.total_steps:  # a finished run launched again: nothing to write
+            return {}
         if jax.process_index() == 0:
             workdir_lib.record_config(workdir, config, plan, step)
             workdir_lib.drop_metrics_after(workdir, step)
