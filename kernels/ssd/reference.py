@@ -1,0 +1,127 @@
+"""Plain-jnp references: the whole SSD as in the paper's Listing 1, and each kernel step.
+
+`ssd_minimal` is the oracle of every chunked implementation: Dao & Gu 2024, "Transformers are
+SSMs", Listing 1 (mamba v2.2.2 `mamba_ssm/modules/ssd_minimal.py`, `ssd_minimal_discrete`),
+written here in jnp with `dt` applied as in mamba's call of it (x * dt, A * dt). It is exact in
+whatever dtype it is given (float64 under `jax.experimental.enable_x64`), materialises every
+(l, l) decay matrix of a chunk pair, and JAX differentiates it: small shapes only.
+
+The step references take and return what the Pallas kernels of both backends take and return
+(`kernels.ssd.pallas` lays them out): x (b, L, h, P) and B, C (b, L, g, N) in the matmul dtype,
+dt and cs (b, h, L) float32 with cs the within-chunk cumulative sum of dt*A, states
+(b, c, h, P, N) float32; sums in float32 after the products of the matmul-dtype operands.
+
+Letters: b batch, l/L sequence (padded), c chunks, q/t/s positions in a chunk, h heads, g groups,
+p/P head dim, n/N state dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+# --- the whole SSD: Listing 1 ----------------------------------------------------------------
+
+def segsum(a: jax.Array) -> jax.Array:
+    """(..., q) -> (..., q, q): sum_{s < k <= t} a_k below the diagonal, -inf above (Listing 1)."""
+    q = a.shape[-1]
+    cum = jnp.cumsum(a, axis=-1)
+    diff = cum[..., :, None] - cum[..., None, :]
+    return jnp.where(jnp.tril(jnp.ones((q, q), bool)), diff, -jnp.inf)
+
+
+def ssd_minimal(x, dt, A, B, C, chunk_size: int, initial_states=None):
+    """The SSD by Listing 1: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t.
+
+    Args:
+      x: (b, l, h, p). dt: (b, l, h) (already biased/softplus'd). A: (h,).
+      B, C: (b, l, g, n), h % g == 0 (head i reads group i // (h // g)).
+      chunk_size: the chunk of the algorithm (l is padded to a multiple with dt = 0: exact).
+      initial_states: (b, h, p, n) or None.
+    Returns:
+      y (b, l, h, p) and the final state (b, h, p, n), in the inputs' dtype.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    q = chunk_size
+    c = -(-l // q)
+    pad = lambda t: jnp.pad(t, [(0, 0), (0, c * q - l)] + [(0, 0)] * (t.ndim - 2))
+    X = pad(x * dt[..., None]).reshape(b, c, q, h, p)
+    Ad = jnp.moveaxis(pad(dt * A).reshape(b, c, q, h), -1, 1)  # (b, h, c, q)
+    Bh = pad(jnp.repeat(B, h // g, axis=2)).reshape(b, c, q, h, n)
+    Ch = pad(jnp.repeat(C, h // g, axis=2)).reshape(b, c, q, h, n)
+    A_cumsum = jnp.cumsum(Ad, axis=-1)
+    # 1. intra-chunk (diagonal blocks) outputs
+    L = jnp.exp(segsum(Ad))
+    Y_diag = jnp.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, L, X)
+    # 2. each chunk's state (right term of the low-rank factorisation)
+    decay_states = jnp.exp(A_cumsum[..., -1:] - A_cumsum)
+    states = jnp.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_states, X)
+    # 3. inter-chunk recurrence on the chunk boundaries
+    if initial_states is None:
+        initial_states = jnp.zeros_like(states[:, :1])
+    else:
+        initial_states = initial_states[:, None]
+    states = jnp.concatenate([initial_states, states], axis=1)
+    decay_chunk = jnp.exp(segsum(jnp.pad(A_cumsum[..., -1], [(0, 0), (0, 0), (1, 0)])))
+    new_states = jnp.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    # 4. state -> output (left term of the low-rank factorisation)
+    Y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, jnp.exp(A_cumsum))
+    y = (Y_diag + Y_off).reshape(b, c * q, h, p)[:, :l]
+    return y, final_state
+
+
+# --- the kernels' steps ------------------------------------------------------------------------
+
+def _heads(t: jax.Array, h: int) -> jax.Array:
+    """(b, L, g, N) -> (b, L, h, N) float32: each group broadcast to its heads."""
+    return jnp.repeat(t.astype(f32), h // t.shape[2], axis=2)
+
+
+def _chunked(t: jax.Array, chunk: int) -> jax.Array:
+    """(b, L, ...) -> (b, c, Q, ...)."""
+    return t.reshape(t.shape[0], t.shape[1] // chunk, chunk, *t.shape[2:])
+
+
+def _chunked_vec(t: jax.Array, chunk: int) -> jax.Array:
+    """(b, h, L) -> (b, c, Q, h)."""
+    b, h, L = t.shape
+    return jnp.moveaxis(t.reshape(b, h, L // chunk, chunk), 1, -1)
+
+
+def chunk_state_reference(u, v, dt, cs, *, chunk: int, to_end: bool) -> jax.Array:
+    """Per chunk sum_s w_s u_s^T V_s, w = exp(cs_last - cs) dt (to_end) or exp(cs):
+    (b, c, h, P, N) float32. u (b, L, h, P); v (b, L, g, N); dt, cs (b, h, L)."""
+    h = u.shape[2]
+    csq, dtq = _chunked_vec(cs, chunk), _chunked_vec(dt, chunk)  # (b, c, Q, h)
+    w = jnp.exp(csq[:, :, -1:] - csq) * dtq if to_end else jnp.exp(csq)
+    uw = (_chunked(u, chunk).astype(f32) * w[..., None]).astype(u.dtype).astype(f32)
+    return jnp.einsum("bcshp,bcshn->bchpn", uw, _chunked(_heads(v, h), chunk))
+
+
+def _causal_decay(cs: jax.Array, chunk: int) -> jax.Array:
+    """exp(cs_t - cs_s) for s <= t within each chunk, else 0: (b, c, h, Q_t, Q_s)."""
+    csq = jnp.moveaxis(_chunked_vec(cs, chunk), -1, 2)  # (b, c, h, Q)
+    diff = csq[..., :, None] - csq[..., None, :]
+    return jnp.exp(jnp.where(jnp.tril(jnp.ones((chunk, chunk), bool)), diff, -jnp.inf))
+
+
+def chunk_scan_reference(x, B, C, dt, cs, states, *, chunk: int) -> jax.Array:
+    """y_t = exp(cs_t) C_t H_c^T + sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s: (b, L, h, P)
+    float32; states (b, c, h, P, N) entering each chunk, or None (zeros)."""
+    b, L, h, P = x.shape
+    mm = x.dtype
+    Cq, Bq = _chunked(_heads(C, h), chunk), _chunked(_heads(B, h), chunk)  # (b, c, Q, h, N)
+    cb = jnp.einsum("bcthn,bcshn->bchts", Cq, Bq)
+    scores = cb * _causal_decay(cs, chunk) * jnp.moveaxis(_chunked_vec(dt, chunk), -1, 2)[
+        ..., None, :]
+    y = jnp.einsum("bchts,bcshp->bcthp", scores.astype(mm).astype(f32),
+                   _chunked(x, chunk).astype(f32))
+    if states is not None:
+        y_off = jnp.einsum("bcthn,bchpn->bcthp", Cq, states.astype(mm).astype(f32))
+        y = y + y_off * jnp.exp(_chunked_vec(cs, chunk))[..., None]
+    return y.reshape(b, L, h, P)
