@@ -125,3 +125,32 @@ def chunk_scan_reference(x, B, C, dt, cs, states, *, chunk: int) -> jax.Array:
         y_off = jnp.einsum("bcthn,bchpn->bcthp", Cq, states.astype(mm).astype(f32))
         y = y + y_off * jnp.exp(_chunked_vec(cs, chunk))[..., None]
     return y.reshape(b, L, h, P)
+
+
+def state_passing_fwd_reference(x, B, dt, cs, init, *, chunk: int):
+    """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N), float32:
+    H_0 = init (or 0), H_{c+1} = exp(cs_last,c) H_c + S_c."""
+    b, L, h, P = x.shape
+    S = chunk_state_reference(x, B, dt, cs, chunk=chunk, to_end=True)
+    decay = jnp.exp(cs[:, :, chunk - 1::chunk])  # (b, h, c)
+    state = jnp.zeros((b, h, P, B.shape[3]), f32) if init is None else init
+    entering = []
+    for ic in range(L // chunk):
+        entering.append(state)
+        state = decay[:, :, ic, None, None] * state + S[:, ic]
+    return jnp.stack(entering, axis=1), state
+
+
+def state_passing_bwd_reference(dy, C, cs, states, d_final, *, chunk: int):
+    """Reverse of `state_passing_fwd_reference`: the gradients of each S_c (b, c, h, P, N), of
+    each chunk's decay exp(cs_last) (b, h, c) and of the initial state (b, h, P, N)."""
+    b, L, h, P = dy.shape
+    Y = chunk_state_reference(dy, C, cs, cs, chunk=chunk, to_end=False)
+    decay = jnp.exp(cs[:, :, chunk - 1::chunk])
+    grad = jnp.zeros((b, h, P, C.shape[3]), f32) if d_final is None else d_final
+    s_grads, d_decay = [None] * (L // chunk), [None] * (L // chunk)
+    for ic in reversed(range(L // chunk)):
+        s_grads[ic] = grad
+        d_decay[ic] = jnp.sum(grad * states[:, ic], axis=(-2, -1))
+        grad = Y[:, ic] + decay[:, :, ic, None, None] * grad
+    return jnp.stack(s_grads, axis=1), jnp.stack(d_decay, axis=-1), grad

@@ -220,8 +220,22 @@ def copy_in(src, dst, barrier) -> None:
 
 
 def wait(barrier) -> None:
-    """Blocks until `barrier` completes (a copy has landed, or a consumer released a buffer)."""
+    """Blocks until `barrier` completes (a copy has landed in shared memory)."""
     plgpu.barrier_wait(barrier)
+
+
+def wait_free(barrier) -> None:
+    """The producer's wait until the consumer has released a buffer (`release`) before it is
+    loaded again. (A test removes this wait to check that the race detector sees the race.)"""
+    plgpu.barrier_wait(barrier)
+
+
+def release(barrier) -> None:
+    """The consumer is done with a buffer: the producer may load into it again. The proxy fence
+    first: the consumer's reads (generic proxy) are ordered before the next TMA write (async
+    proxy) into the buffer; JAX 0.11's interpreter reports the race without it."""
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(barrier)
 
 
 def store_out(value: jax.Array, smem, dst) -> None:
