@@ -154,3 +154,64 @@ def state_passing_bwd_reference(dy, C, cs, states, d_final, *, chunk: int):
         d_decay[ic] = jnp.sum(grad * states[:, ic], axis=(-2, -1))
         grad = Y[:, ic] + decay[:, :, ic, None, None] * grad
     return jnp.stack(s_grads, axis=1), jnp.stack(d_decay, axis=-1), grad
+
+
+def _bwd_terms(x, B, C, dt, cs, dy, chunk: int):
+    """The (b, c, h, Q_t, Q_s) float32 terms both backward references share."""
+    h = x.shape[2]
+    mm = x.dtype
+    Cq, Bq = _chunked(_heads(C, h), chunk), _chunked(_heads(B, h), chunk)
+    xq, dyq = _chunked(x, chunk).astype(f32), _chunked(dy, chunk).astype(f32)
+    decay = _causal_decay(cs, chunk)
+    dtq = jnp.moveaxis(_chunked_vec(dt, chunk), -1, 2)  # (b, c, h, Q)
+    cb = jnp.einsum("bcthn,bcshn->bchts", Cq, Bq)
+    dyx = jnp.einsum("bcthp,bcshp->bchts", dyq, xq)
+    return mm, Cq, Bq, xq, dyq, decay, dtq, cb, dyx
+
+
+def chunk_scan_bwd_rows_reference(x, B, C, dt, cs, states, dy, *, chunk: int):
+    """dC (b, L, g, N) and the row part of dcs (b, h, L), float32 (see
+    `kernels.ssd.mosaic.chunk_scan_bwd` for the formulas)."""
+    b, L, h, P = x.shape
+    g, N = B.shape[2], B.shape[3]
+    mm, Cq, Bq, xq, dyq, decay, dtq, cb, dyx = _bwd_terms(x, B, C, dt, cs, dy, chunk)
+    w = dyx * decay * dtq[..., None, :]
+    dc = jnp.einsum("bchts,bcshn->bcthn", w.astype(mm).astype(f32), Bq)
+    dcs = jnp.sum(w * cb, axis=-1)  # (b, c, h, Q)
+    if states is not None:
+        out_decay = jnp.exp(jnp.moveaxis(_chunked_vec(cs, chunk), -1, 2))  # (b, c, h, Q)
+        st = states.astype(mm).astype(f32)
+        dc = dc + jnp.einsum("bcthp,bchpn->bcthn", dyq, st) * jnp.moveaxis(out_decay, 2, 3)[
+            ..., None]
+        y_off = jnp.einsum("bcthn,bchpn->bchtp", Cq, st)
+        dcs = dcs + out_decay * jnp.einsum("bcthp,bchtp->bcht", dyq, y_off)
+    dc = dc.reshape(b, L, g, h // g, N).sum(axis=3)
+    return dc, jnp.moveaxis(dcs, 2, 1).reshape(b, h, L)
+
+
+def chunk_scan_bwd_cols_reference(x, B, C, dt, cs, state_grads, dy, *, chunk: int):
+    """dx (b, L, h, P), dB (b, L, g, N) and the direct dt gradient's intra and state parts
+    (b, h, L), float32."""
+    b, L, h, P = x.shape
+    g, N = B.shape[2], B.shape[3]
+    mm, Cq, Bq, xq, dyq, decay, dtq, cb, dyx = _bwd_terms(x, B, C, dt, cs, dy, chunk)
+    dx_intra = jnp.einsum("bchts,bcthp->bcshp", (cb * decay).astype(mm).astype(f32), dyq)
+    dyx_d = dyx * decay
+    ddt_intra = jnp.sum(dyx_d * cb, axis=-2)  # (b, c, h, Q_s)
+    db = jnp.einsum("bchts,bcthn->bcshn", (dyx_d * dtq[..., None, :]).astype(mm).astype(f32),
+                    Cq)
+    dt_s = jnp.moveaxis(dtq, 2, 3)[..., None]  # (b, c, Q, h, 1)
+    if state_grads is not None:
+        csq = _chunked_vec(cs, chunk)  # (b, c, Q, h)
+        to_end = jnp.exp(csq[:, :, -1:] - csq)[..., None]
+        sg = state_grads.astype(mm).astype(f32)
+        dx_state = jnp.einsum("bcshn,bchpn->bcshp", Bq, sg) * to_end
+        db = db + jnp.einsum("bcshp,bchpn->bcshn", xq, sg) * to_end * dt_s
+        ddt_state = jnp.moveaxis(jnp.sum(xq * dx_state, axis=-1), 3, 2)
+        dx = dt_s * (dx_intra + dx_state)
+    else:
+        ddt_state = jnp.zeros_like(ddt_intra)
+        dx = dt_s * dx_intra
+    db = db.reshape(b, L, g, h // g, N).sum(axis=3)
+    vec = lambda t: jnp.moveaxis(t, 2, 1).reshape(b, h, L)
+    return dx.reshape(b, L, h, P), db, vec(ddt_intra), vec(ddt_state)

@@ -163,9 +163,10 @@ def iota(shape, dim: int, *, interpret: bool) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
 
-def zeros(shape, *, interpret: bool) -> jax.Array:
+def zeros(shape, layout=WGMMA, *, interpret: bool) -> jax.Array:
+    """float32 zeros in a register layout (a tile, or a row vector with `row_layout()`)."""
     z = jnp.zeros(shape, f32)
-    return z if interpret else plgpu.layout_cast(z, WGMMA)
+    return z if interpret else plgpu.layout_cast(z, layout)
 
 
 def decay(cs_rows: jax.Array, cs_cols: jax.Array, row0, col0, shape, *, causal_rows: bool,
@@ -219,6 +220,12 @@ def copy_in(src, dst, barrier) -> None:
     plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
+def before_refill() -> None:
+    """Orders this thread's reads of shared tiles before the TMA writes that refill them (a
+    proxy fence: the reads are generic-proxy accesses, the copies async-proxy ones)."""
+    plgpu.commit_smem()
+
+
 def wait(barrier) -> None:
     """Blocks until `barrier` completes (a copy has landed in shared memory)."""
     plgpu.barrier_wait(barrier)
@@ -234,7 +241,7 @@ def release(barrier) -> None:
     """The consumer is done with a buffer: the producer may load into it again. The proxy fence
     first: the consumer's reads (generic proxy) are ordered before the next TMA write (async
     proxy) into the buffer; JAX 0.11's interpreter reports the race without it."""
-    plgpu.commit_smem()
+    before_refill()
     plgpu.barrier_arrive(barrier)
 
 
