@@ -48,8 +48,12 @@ def on_lowering_platform(fn: Callable[..., Sequence[jax.Array]], *args: jax.Arra
 
 
 def _abstract_eval(*avals, fn):
+    """The outputs' avals, and the interpreter's effects: JAX's GPU interpreter (the Mosaic GPU
+    kernels off CUDA) is a chain of ordered host callbacks, so the primitive declares them for
+    every platform (a compiled lowering passes the ordering token through)."""
+    interpreted = jax.make_jaxpr(functools.partial(fn, interpret=True))(*avals)
     outs = jax.eval_shape(functools.partial(fn, interpret=False), *avals)
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs], interpreted.effects
 
 
 def _impl(*args, fn):
@@ -80,7 +84,7 @@ def _batch(args, dims, *, fn):
     return outs, [0] * len(outs)
 
 
-pallas_per_platform_p.def_abstract_eval(_abstract_eval)
+pallas_per_platform_p.def_effectful_abstract_eval(_abstract_eval)
 pallas_per_platform_p.def_impl(_impl)
 batching.primitive_batchers[pallas_per_platform_p] = _batch
 mlir.register_lowering(pallas_per_platform_p,

@@ -11,7 +11,7 @@ S = sum_s w_s dt_s x_s^T B_s (w_s = exp(cs_last - cs_s)), and dy the output grad
   dcs_t  = sum_{s<=t} M[t,s] + exp(cs_t) dy_t . (C_t H^T)    (row part, M = CB L dt (dy.x))
            - dt_t ddt_t                                  (column part, assembled in JAX)
 
-As in the Triton kernels (`kernels.ssd.pallas_bwd`), the work is split by the side of the
+As in the Triton kernels (`kernels.ssd.triton.chunk_scan_bwd`), the work is split by the side of the
 (t, s) triangle that a sum runs over, so that every sum stays in one CTA (no atomics):
 `chunk_scan_bwd_rows` (one CTA per 64-row block t: dC, dcs row part) and `chunk_scan_bwd_cols`
 (one per 64-column block s: dx, ddt, dB). A CTA serves one group and loops over its heads,
