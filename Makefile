@@ -7,8 +7,17 @@ WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 # Two test processes: most tests compile on one core for most of their time.
 PYTEST_WORKERS ?= 2
+# A second venv with Python 3.12 and JAX 0.11 (it needs >= 3.12) for the Pallas kernel tests
+# under both JAX versions; `make test312` skips with a message where no Python 3.12 exists.
+# The first candidate that runs as Python 3.12 (a pyenv shim may exist without the version).
+PYTHON312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python; do \
+  $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && \
+  { command -v $$p; break; }; done)
+VENV312 ?= .venv312
+JAX312 ?= jax==0.11.2
+KERNEL_TESTS ?= tests/kernels
 
-.PHONY: train test setup ffmpeg
+.PHONY: train test test312 setup setup312 ffmpeg
 
 setup: $(VENV)/.installed
 
@@ -30,3 +39,20 @@ train: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+setup312: $(VENV312)/.installed
+
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q -e '.[test]' '$(JAX312)'
+	touch $@
+
+# The kernel tests only: the rest of the suite runs under the main venv's JAX.
+test312:
+	@if [ -z "$(PYTHON312)" ]; then \
+	  echo "test312: skipped: no Python 3.12 on this machine (JAX 0.11 needs it); set PYTHON312"; \
+	else \
+	  $(MAKE) --no-print-directory setup312 && \
+	  $(VENV312)/bin/python -m pytest -q -n $(PYTEST_WORKERS) $(KERNEL_TESTS) $(PYTEST_ARGS); \
+	fi

@@ -230,6 +230,14 @@ def _pass_state_grads(out_grads: jax.Array, states: jax.Array, decay: jax.Array,
 
 # --- custom_vjp core on padded operands ----------------------------------------------------------
 
+def _fused(cfg: _Config, interpret: bool) -> bool:
+    """Whether the fused passing kernels run. Not in JAX's GPU interpreter: it runs their two
+    warpgroups as concurrent XLA:CPU computations inside a host callback, which deadlocked on a
+    2-core host inside a whole forward and backward (the kernels run, and are tested, on their
+    own); there the per-chunk kernels and a lax.scan compute the same states."""
+    return cfg.fused_passing and not (interpret and cfg.backend.name == "mosaic")
+
+
 def _on_platform(cfg: _Config, fn, *args) -> list[jax.Array]:
     """fn(cfg, *args, interpret=...) with cfg.interpret, or decided per lowering platform."""
     if cfg.interpret is None:
@@ -241,7 +249,7 @@ def _states(cfg: _Config, x, dt, cs, B, init, interpret: bool):
     """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N); init None
     when zero."""
     kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=interpret)
-    if cfg.fused_passing:
+    if _fused(cfg, interpret):
         return cfg.backend.state_passing_fwd(x, B, dt, cs, init, **kw)
     chunk_states = cfg.backend.chunk_state(x, B, dt, cs, to_end=True, **kw)
     if init is None:
@@ -293,7 +301,7 @@ def _backward(cfg: _Config, x, dt, cs, B, C, dy, *rest, zero_final: bool,
                 d_init = d_init + decay[..., 0, None, None] * d_final
     else:
         states, _ = _states(cfg, x, dt, cs, B, init, interpret)
-        if cfg.fused_passing:
+        if _fused(cfg, interpret):
             s_grads, d_decay, d_init = cfg.backend.state_passing_bwd(dy, C, cs, states, d_final,
                                                                      **kw)
         else:

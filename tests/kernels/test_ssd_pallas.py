@@ -429,7 +429,7 @@ def test_vmap_equals_the_batch_axis():
 @pytest.mark.slow  # ~30 s on 2 idle cores: the interpreted tiny model
 def test_model_exported_for_cpu_and_cuda_carries_triton_and_runs_on_cpu():
     """jax.export of the separator (tiny BSMamba2, ssd_impl="pallas_triton") for ("cpu", "cuda")
-    this host: the CUDA module holds the Triton kernels, and the exported function run on the
+    from this host: the CUDA module holds the Triton kernels, and the exported function run on the
     CPU (the interpreted kernels) equals the model with ssd_impl="xla"."""
     from bsmamba2_jax.model import BSMamba2
     from tests.bsmamba2_jax.tiny_model import tiny_model_and_params
