@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
+from jax import export, lax
+from jax.experimental import pallas as pl
 
 from kernels.ssd import mamba_chunk_scan
 from kernels.ssd.common import prepare_dt, skip_and_gate
@@ -175,13 +176,23 @@ def _passing_inputs(seed, chunks=3):
     return x, B, dt, cs, Q
 
 
+def _copy_then_wait(k, stages, free, copies):
+    """The planted bug: the refill copies before it waits for the buffer's release."""
+    copies()
+
+    @pl.when(k >= stages)
+    def _():
+        mc.wait_free(free.at[lax.rem(k, stages)])
+
+
 @pytest.mark.parametrize("planted", [False, True], ids=["as_written", "missing_wait"])
 def test_race_detector_catches_a_missing_barrier_wait(planted, monkeypatch):
-    """The fused passing streams 3 chunks through 2 buffers: without the producer's wait for the
-    consumer's release (`common.wait_free`), chunk 2's copy overwrites chunk 0's buffer while it
-    may still be read. The interpreter must report that race, and none as written."""
+    """The fused passing streams 3 chunks through 2 buffers: when the producer's copy of chunk 2
+    is not preceded by its wait for the consumer's release of chunk 0's buffer (here the wait
+    comes after the copy: every barrier phase is still observed), the copy may overwrite the
+    buffer while it is read. The interpreter must report that race, and none as written."""
     if planted:
-        monkeypatch.setattr(mc, "wait_free", lambda barrier: None)
+        monkeypatch.setattr(state_passing, "refill", _copy_then_wait)
     x, B, dt, cs, Q = _passing_inputs(seed_of("race", planted))
     run = jax.jit(lambda *a: state_passing.state_passing_fwd(
         *a, None, chunk=Q, blocks=MosaicBlockSizes(stages=2), interpret=True))
@@ -266,15 +277,18 @@ def mosaic_kernels(module_text: str) -> list[str]:
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_kernels_lower_for_cuda(shape, dtype, with_init, use_final):
     """Forward and forward+backward lower to Mosaic GPU kernels (wgmma shapes, layouts, TMA
-    boxes are checked by this lowering) and nothing else: no Triton call."""
+    boxes are checked by this lowering) and nothing else: no Triton call. The gradient keeps
+    the forward's kernels too: the per-platform primitive declares the GPU interpreter's ordered
+    effects, which XLA does not remove (a model's loss needs the forward anyway)."""
     b, l, h, p, g, n, chunk_size = shape
     chunk, _, _ = kernel_dims(l, p, n, chunk_size)
     fwd, bwd = _lower("cuda", *shape, dtype, with_init, use_final)
     fused = b * h >= MosaicBlockSizes().fused_passing_min_programs
     several = l > chunk
     states = "ssd_state_passing" if fused and (several or with_init) else "ssd_chunk_state"
-    assert mosaic_kernels(fwd) == sorted(["ssd_chunk_scan", states])
-    backward = ["ssd_chunk_scan_bwd_cols", "ssd_chunk_scan_bwd_rows"]
+    forward = ["ssd_chunk_scan", states]
+    assert mosaic_kernels(fwd) == sorted(forward)
+    backward = forward + ["ssd_chunk_scan_bwd_cols", "ssd_chunk_scan_bwd_rows"]
     if several:
         backward += [states, "ssd_state_passing_bwd" if fused else "ssd_output_state_grad"]
     elif with_init:

@@ -26,20 +26,21 @@ from kernels.ssd.mosaic.common import MosaicBlockSizes
 f32 = jnp.float32
 
 
-def weights(cs_s, dt_s, layout, *, to_end: bool, interpret: bool) -> jax.Array:
-    """(Q,) weights of a chunk's rows from its cs and dt tiles (shared memory)."""
+def weights(cs_s, dt_s, last, layout, *, to_end: bool, interpret: bool) -> jax.Array:
+    """(m,) weights of m rows of a chunk from their cs and dt (shared memory) and the chunk's
+    last cs (a scalar): exp(last - cs) dt, or exp(cs)."""
     cs = mc.load(cs_s, layout, interpret=interpret)
     if not to_end:
         return jnp.exp(cs)
-    last = cs_s[cs_s.shape[0] - 1]
     return jnp.exp(last - cs) * mc.load(dt_s, layout, interpret=interpret)
 
 
-def weighted_product(u_s, v_s, uw_s, cs_s, dt_s, acc, *, to_end: bool,
+def weighted_product(u_s, v_s, uw_s, cs_s, dt_s, last, acc, *, to_end: bool,
                      interpret: bool) -> jax.Array:
-    """acc + (u * w)^T V for one chunk's tiles in shared memory: u (Q, P), V (Q, N); uw_s a
-    (Q, P) scratch tile. Returns (P, N) float32 (WGMMA layout)."""
-    w = weights(cs_s, dt_s, mc.row_layout(), to_end=to_end, interpret=interpret)
+    """acc + (u * w)^T V for m rows of a chunk in shared memory: u (m, P), V (m, N), their cs
+    and dt (m,), the chunk's last cs; uw_s an (m, P) scratch tile. Returns (P, N) float32
+    (WGMMA layout)."""
+    w = weights(cs_s, dt_s, last, mc.row_layout(), to_end=to_end, interpret=interpret)
     u = mc.load(u_s, mc.WGMMA, interpret=interpret).astype(f32)
     mc.to_smem((u * mc.rows_of(w, u.shape)).astype(uw_s.dtype), uw_s)
     return mc.mma(uw_s, v_s, acc, transpose_a=True, interpret=interpret)
@@ -56,7 +57,8 @@ def _kernel(u_ref, v_ref, dt_ref, cs_ref, out_ref, u_s, v_s, uw_s, dt_s, cs_s, o
     mc.copy_in(cs_ref.at[ib, ih, rows], cs_s, bar.at[3])
     for k in range(4):
         mc.wait(bar.at[k])
-    s = weighted_product(u_s, v_s, uw_s, cs_s, dt_s, None, to_end=to_end, interpret=interpret)
+    s = weighted_product(u_s, v_s, uw_s, cs_s, dt_s, cs_s[Q - 1], None, to_end=to_end,
+                         interpret=interpret)
     mc.store_out(s, out_s, out_ref.at[ib, ic, ih])
     mc.finish_stores()
 

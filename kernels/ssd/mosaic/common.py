@@ -233,7 +233,7 @@ def wait(barrier) -> None:
 
 def wait_free(barrier) -> None:
     """The producer's wait until the consumer has released a buffer (`release`) before it is
-    loaded again. (A test removes this wait to check that the race detector sees the race.)"""
+    loaded again."""
     plgpu.barrier_wait(barrier)
 
 

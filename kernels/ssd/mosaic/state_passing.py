@@ -7,11 +7,14 @@
 One CTA per (head, sequence) owns the chunk loop, so the running state stays in registers (a
 (P, N) float32 wgmma accumulator) and the per-chunk S_c never reach memory: only the state
 entering each chunk is written (the chunk scan reads it). Warp-specialised: a producer
-warpgroup streams each chunk's tiles into `stages` shared-memory buffers by TMA while the
-consumer warpgroup computes on the previous ones; per buffer, one barrier per tile says it has
-landed and one says the consumer released it (`common.wait_free` / `common.release`). This
-trades parallelism (b*h CTAs instead of b*c*h) for bytes: `kernels.ssd.pallas` uses it when
-there are enough CTAs. References: `kernels.ssd.reference.state_passing_fwd_reference` and
+warpgroup streams each chunk's 64-row slices of x and B (dy and C backward) by TMA into `stages`
+shared-memory buffers while the consumer warpgroup folds the previous ones into the state; the
+chunk's cs and dt (and, backward, the state H_c entering it) come per chunk in their own
+buffers. Per buffer, one barrier per tile says it has landed and one says the consumer released
+it (`common.wait_free` / `common.release`). Slices keep the buffers small (a 256-step chunk of
+bf16 x and B double-buffered would take 196 KiB of the 227). This trades parallelism (b*h CTAs
+instead of b*c*h) for bytes: `kernels.ssd.pallas` uses it when there are enough CTAs.
+References: `kernels.ssd.reference.state_passing_fwd_reference` and
 `state_passing_bwd_reference`.
 """
 
@@ -27,32 +30,50 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.ssd.mosaic import common as mc
 from kernels.ssd.mosaic.chunk_state import weighted_product
-from kernels.ssd.mosaic.common import MosaicBlockSizes
+from kernels.ssd.mosaic.common import ROWS, MosaicBlockSizes
 
 f32 = jnp.float32
 CONSUMER, PRODUCER = 0, 1
+CHUNK_STAGES = 2  # buffers of the per-chunk tiles
 
 
-def _produce(n_chunks: int, stages: int, reverse: bool, sources, buffers, loaded, free):
-    """The producer warpgroup: chunk k's tiles into buffer k % stages, once it is free.
+def refill(k, stages: int, free, copies) -> None:
+    """Loads step k's tiles into buffer k % stages: once the consumer has released it (from the
+    (stages + 1)-th step on), then the copies (a test moves the wait after them)."""
+    @pl.when(k >= stages)
+    def _():
+        mc.wait_free(free.at[lax.rem(k, stages)])
 
-    sources: functions chunk -> global ref view, one per tile; buffers: the (stages, ...)
-    shared tiles; loaded: one barrier array per tile."""
-    @pl.loop(0, n_chunks)
+    copies()
+
+
+def _produce(n_chunks: int, n_slices: int, stages: int, chunk_free, slice_free, chunk_copies,
+             slice_copies) -> None:
+    """The producer warpgroup: per slice step k, into buffer k % stages (once released), the
+    slice's tiles; before a chunk's first slice, the chunk's tiles into buffer
+    chunk % CHUNK_STAGES. Then it observes the last releases of both streams (every barrier
+    phase is consumed before the CTA exits)."""
+    @pl.loop(0, n_chunks * n_slices)
     def _(k):
-        ic = n_chunks - 1 - k if reverse else k
-        slot = lax.rem(k, stages)
+        ic = k // n_slices
 
-        @pl.when(k >= stages)
+        @pl.when(lax.rem(k, n_slices) == 0)
         def _():
-            mc.wait_free(free.at[slot])
+            refill(ic, CHUNK_STAGES, chunk_free,
+                   lambda: chunk_copies(ic, lax.rem(ic, CHUNK_STAGES)))
 
-        for source, buffer, bar in zip(sources, buffers, loaded, strict=True):
-            mc.copy_in(source(ic), buffer.at[slot], bar.at[slot])
+        refill(k, stages, slice_free, lambda: slice_copies(k, lax.rem(k, stages)))
 
-    # Observe the last releases too: every barrier phase is consumed before the CTA exits.
-    for k in range(max(n_chunks - stages, 0), n_chunks):
-        mc.wait_free(free.at[k % stages])
+    for free, n, n_stages in ((chunk_free, n_chunks, CHUNK_STAGES),
+                              (slice_free, n_chunks * n_slices, stages)):
+        for k in range(max(n - n_stages, 0), n):
+            mc.wait_free(free.at[k % n_stages])
+
+
+def _copies(pairs, slot, bars):
+    """Starts (global view, (stages, ...) buffer) copies into `slot`, one barrier array each."""
+    for (src, buf), bar in zip(pairs, bars, strict=True):
+        mc.copy_in(src, buf.at[slot], bar.at[slot])
 
 
 def _fwd_kernel(x_ref, b_ref, dt_ref, cs_ref, *refs, heads_per_group: int, stages: int,
@@ -61,54 +82,78 @@ def _fwd_kernel(x_ref, b_ref, dt_ref, cs_ref, *refs, heads_per_group: int, stage
         init_ref, states_ref, final_ref, *scratch = refs
     else:
         init_ref, (states_ref, final_ref, *scratch) = None, refs
-    x_s, b_s, dt_s, cs_s, uw_s, out_s, init_s, loaded, free, init_bar = scratch
+    (x_s, b_s, dt_s, cs_s, uw_s, out_s, slice_bars, slice_free, chunk_bars, chunk_free,
+     init_bar) = scratch
     ih, ib, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
-    Q, P = uw_s.shape
-    N = b_s.shape[-1]
+    Q = dt_s.shape[1]
+    P, N = out_s.shape
     n_chunks = x_ref.shape[1] // Q
+    n_slices = Q // ROWS
     ig = ih // heads_per_group
-    rows = lambda ic: pl.ds(ic * Q, Q)
 
     @pl.when(wg == PRODUCER)
     def _():
-        sources = (lambda ic: x_ref.at[ib, rows(ic), ih], lambda ic: b_ref.at[ib, rows(ic), ig],
-                   lambda ic: dt_ref.at[ib, ih, rows(ic)], lambda ic: cs_ref.at[ib, ih, rows(ic)])
-        _produce(n_chunks, stages, False, sources, (x_s, b_s, dt_s, cs_s), loaded, free)
+        def slice_copies(k, slot):
+            rows = pl.ds(k * ROWS, ROWS)  # slice k of the sequence = chunk k // n_slices
+            _copies([(x_ref.at[ib, rows, ih], x_s), (b_ref.at[ib, rows, ig], b_s)], slot,
+                    slice_bars)
+
+        def chunk_copies(ic, slot):
+            rows = pl.ds(ic * Q, Q)
+            _copies([(dt_ref.at[ib, ih, rows], dt_s), (cs_ref.at[ib, ih, rows], cs_s)], slot,
+                    chunk_bars)
+
+        _produce(n_chunks, n_slices, stages, chunk_free, slice_free, chunk_copies, slice_copies)
 
     @pl.when(wg == CONSUMER)
     def _():
         if with_init:
-            mc.copy_in(init_ref.at[ib, ih], init_s, init_bar.at[0])
+            mc.copy_in(init_ref.at[ib, ih], out_s, init_bar.at[0])
             mc.wait(init_bar.at[0])
-            state0 = mc.load(init_s, mc.WGMMA, interpret=interpret)
+            state0 = mc.load(out_s, mc.WGMMA, interpret=interpret)
         else:
             state0 = mc.zeros((P, N), interpret=interpret)
 
         def chunk(ic, state):
-            slot = lax.rem(ic, stages)
-            for bar in loaded:
-                mc.wait(bar.at[slot])
+            cslot = lax.rem(ic, CHUNK_STAGES)
+            for bar in chunk_bars:
+                mc.wait(bar.at[cslot])
             mc.store_out(state, out_s, states_ref.at[ib, ic, ih])
-            cs, dt = cs_s.at[slot], dt_s.at[slot]
-            decayed = state * jnp.exp(cs[Q - 1])
-            state = weighted_product(x_s.at[slot], b_s.at[slot], uw_s, cs, dt, decayed,
-                                     to_end=True, interpret=interpret)
-            mc.release(free.at[slot])
-            return state
+            cs, dt = cs_s.at[cslot], dt_s.at[cslot]
+            last = cs[Q - 1]
+            acc = state * jnp.exp(last)
+            for r in range(n_slices):
+                k = ic * n_slices + r
+                slot = lax.rem(k, stages)
+                for bar in slice_bars:
+                    mc.wait(bar.at[slot])
+                rows = pl.ds(r * ROWS, ROWS)
+                acc = weighted_product(x_s.at[slot], b_s.at[slot], uw_s, cs.at[rows],
+                                       dt.at[rows], last, acc, to_end=True, interpret=interpret)
+                mc.release(slice_free.at[slot])
+            mc.release(chunk_free.at[cslot])
+            return acc
 
         final = lax.fori_loop(0, n_chunks, chunk, state0)
         mc.store_out(final, out_s, final_ref.at[ib, ih])
         mc.finish_stores()
 
 
-def _pipeline_scratch(stages: int, chunk: int, tiles, P: int, N: int, mm):
-    """Buffers (stages, ...) for each streamed tile, the scaled-operand tile, a float32 (P, N)
-    output tile, a float32 (P, N) tile for the initial value, and the barriers."""
-    buffers = [mc.tile((stages, *shape), dtype) if len(shape) == 2 else
-               mc.vector((stages, *shape)) for shape, dtype in tiles]
-    return [*buffers, mc.tile((chunk, P), mm), mc.tile((P, N), f32), mc.tile((P, N), f32),
-            [plgpu.Barrier(num_barriers=stages) for _ in tiles],
-            plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_barriers=1)]
+def _scratch(stages: int, chunk: int, slice_tiles, chunk_tiles, P: int, N: int, mm):
+    """(stages, ...) buffers of the streamed slice tiles and (CHUNK_STAGES, ...) ones of the
+    per-chunk tiles, the scaled-operand tile, a float32 (P, N) tile for the initial value and
+    the outputs, and the barriers (landed and released, per stream; the initial value's)."""
+    def buffers(tiles, n):
+        return [mc.tile((n, *shape), dtype) if len(shape) == 2 else mc.vector((n, *shape))
+                for shape, dtype in tiles]
+
+    return [*buffers(slice_tiles, stages), *buffers(chunk_tiles, CHUNK_STAGES),
+            mc.tile((ROWS, P), mm), mc.tile((P, N), f32),
+            [plgpu.Barrier(num_barriers=stages) for _ in slice_tiles],
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            [plgpu.Barrier(num_barriers=CHUNK_STAGES) for _ in chunk_tiles],
+            plgpu.Barrier(num_arrivals=1, num_barriers=CHUNK_STAGES),
+            plgpu.Barrier(num_barriers=1)]
 
 
 def state_passing_fwd(x, B, dt, cs, init, *, chunk: int, blocks: MosaicBlockSizes,
@@ -125,15 +170,17 @@ def state_passing_fwd(x, B, dt, cs, init, *, chunk: int, blocks: MosaicBlockSize
     g, N = B.shape[2], B.shape[3]
     c = L // chunk
     mm = x.dtype
-    stages = blocks.stages
-    tiles = [((chunk, P), mm), ((chunk, N), mm), ((chunk,), f32), ((chunk,), f32)]
     with_init = init is not None
+    scratch = _scratch(blocks.stages, chunk, [((ROWS, P), mm), ((ROWS, N), mm)],
+                       [((chunk,), f32), ((chunk,), f32)], P, N, mm)
+    # Reorder to the kernel's unpacking: x, B, dt, cs, uw, out, bars...
+    x_s, b_s, dt_s, cs_s, uw_s, out_s, *bars = scratch
     kernel = plgpu.kernel(
-        functools.partial(_fwd_kernel, heads_per_group=h // g, stages=stages,
+        functools.partial(_fwd_kernel, heads_per_group=h // g, stages=blocks.stages,
                           with_init=with_init, interpret=interpret),
         out_type=[jax.ShapeDtypeStruct((b, c, h, P, N), f32),
                   jax.ShapeDtypeStruct((b, h, P, N), f32)],
-        scratch_types=_pipeline_scratch(stages, chunk, tiles, P, N, mm),
+        scratch_types=[x_s, b_s, dt_s, cs_s, uw_s, out_s, *bars],
         grid=(h, b), grid_names=("h", "b"), num_threads=2, thread_name="wg",
         compiler_params=mc.compiler_params(), interpret=mc.kernel_interpret(interpret),
         kernel_name="ssd_state_passing")
@@ -146,44 +193,60 @@ def _bwd_kernel(dy_ref, c_ref, cs_ref, states_ref, *refs, heads_per_group: int, 
         dfinal_ref, sgrads_ref, ddecay_ref, dinit_ref, *scratch = refs
     else:
         dfinal_ref, (sgrads_ref, ddecay_ref, dinit_ref, *scratch) = None, refs
-    dy_s, c_s, cs_s, st_s, uw_s, out_s, init_s, loaded, free, init_bar, ddecay_s = scratch
+    (dy_s, c_s, cs_s, st_s, uw_s, out_s, slice_bars, slice_free, chunk_bars, chunk_free,
+     init_bar, ddecay_s) = scratch
     ih, ib, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
-    Q, P = uw_s.shape
-    N = c_s.shape[-1]
+    Q = cs_s.shape[1]
+    P, N = out_s.shape
     n_chunks = dy_ref.shape[1] // Q
+    n_slices = Q // ROWS
     ig = ih // heads_per_group
-    rows = lambda ic: pl.ds(ic * Q, Q)
 
     @pl.when(wg == PRODUCER)
     def _():
-        sources = (lambda ic: dy_ref.at[ib, rows(ic), ih], lambda ic: c_ref.at[ib, rows(ic), ig],
-                   lambda ic: cs_ref.at[ib, ih, rows(ic)], lambda ic: states_ref.at[ib, ic, ih])
-        _produce(n_chunks, stages, True, sources, (dy_s, c_s, cs_s, st_s), loaded, free)
+        def slice_copies(k, slot):  # walks the sequence backwards, slice by slice
+            rows = pl.ds((n_chunks * n_slices - 1 - k) * ROWS, ROWS)
+            _copies([(dy_ref.at[ib, rows, ih], dy_s), (c_ref.at[ib, rows, ig], c_s)], slot,
+                    slice_bars)
+
+        def chunk_copies(k, slot):
+            ic = n_chunks - 1 - k
+            _copies([(cs_ref.at[ib, ih, pl.ds(ic * Q, Q)], cs_s),
+                     (states_ref.at[ib, ic, ih], st_s)], slot, chunk_bars)
+
+        _produce(n_chunks, n_slices, stages, chunk_free, slice_free, chunk_copies, slice_copies)
 
     @pl.when(wg == CONSUMER)
     def _():
         if with_final:
-            mc.copy_in(dfinal_ref.at[ib, ih], init_s, init_bar.at[0])
+            mc.copy_in(dfinal_ref.at[ib, ih], out_s, init_bar.at[0])
             mc.wait(init_bar.at[0])
-            grad0 = mc.load(init_s, mc.WGMMA, interpret=interpret)
+            grad0 = mc.load(out_s, mc.WGMMA, interpret=interpret)
         else:
             grad0 = mc.zeros((P, N), interpret=interpret)
 
         def chunk(k, grad):
             ic = n_chunks - 1 - k
-            slot = lax.rem(k, stages)
-            for bar in loaded:
-                mc.wait(bar.at[slot])
+            cslot = lax.rem(k, CHUNK_STAGES)
+            for bar in chunk_bars:
+                mc.wait(bar.at[cslot])
             mc.store_out(grad, out_s, sgrads_ref.at[ib, ic, ih])
             # d decay_c per state row (summed over the rows in JAX).
-            state = mc.load(st_s.at[slot], mc.WGMMA, interpret=interpret)
+            state = mc.load(st_s.at[cslot], mc.WGMMA, interpret=interpret)
             mc.store_out(jnp.sum(grad * state, axis=1), ddecay_s, ddecay_ref.at[ib, ih, ic])
-            cs = cs_s.at[slot]
-            decayed = grad * jnp.exp(cs[Q - 1])
-            grad = weighted_product(dy_s.at[slot], c_s.at[slot], uw_s, cs, None, decayed,
-                                    to_end=False, interpret=interpret)
-            mc.release(free.at[slot])
-            return grad
+            cs = cs_s.at[cslot]
+            acc = grad * jnp.exp(cs[Q - 1])
+            for r in reversed(range(n_slices)):
+                j = k * n_slices + (n_slices - 1 - r)
+                slot = lax.rem(j, stages)
+                for bar in slice_bars:
+                    mc.wait(bar.at[slot])
+                acc = weighted_product(dy_s.at[slot], c_s.at[slot], uw_s,
+                                       cs.at[pl.ds(r * ROWS, ROWS)], None, None, acc,
+                                       to_end=False, interpret=interpret)
+                mc.release(slice_free.at[slot])
+            mc.release(chunk_free.at[cslot])
+            return acc
 
         d_init = lax.fori_loop(0, n_chunks, chunk, grad0)
         mc.store_out(d_init, out_s, dinit_ref.at[ib, ih])
@@ -205,16 +268,16 @@ def state_passing_bwd(dy, C, cs, states, d_final, *, chunk: int, blocks: MosaicB
     g, N = C.shape[2], C.shape[3]
     c = L // chunk
     mm = dy.dtype
-    stages = blocks.stages
-    tiles = [((chunk, P), mm), ((chunk, N), mm), ((chunk,), f32), ((P, N), f32)]
     with_final = d_final is not None
+    scratch = _scratch(blocks.stages, chunk, [((ROWS, P), mm), ((ROWS, N), mm)],
+                       [((chunk,), f32), ((P, N), f32)], P, N, mm)
     kernel = plgpu.kernel(
-        functools.partial(_bwd_kernel, heads_per_group=h // g, stages=stages,
+        functools.partial(_bwd_kernel, heads_per_group=h // g, stages=blocks.stages,
                           with_final=with_final, interpret=interpret),
         out_type=[jax.ShapeDtypeStruct((b, c, h, P, N), f32),
                   jax.ShapeDtypeStruct((b, h, c, P), f32),
                   jax.ShapeDtypeStruct((b, h, P, N), f32)],
-        scratch_types=[*_pipeline_scratch(stages, chunk, tiles, P, N, mm), mc.vector((P,))],
+        scratch_types=[*scratch, mc.vector((P,))],
         grid=(h, b), grid_names=("h", "b"), num_threads=2, thread_name="wg",
         compiler_params=mc.compiler_params(), interpret=mc.kernel_interpret(interpret),
         kernel_name="ssd_state_passing_bwd")
