@@ -52,6 +52,7 @@ def _fresh_interpreter():
 
 
 def races_found() -> bool:
+    """Whether the GPU interpreter recorded a race since the last reset (False on a GPU)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     try:
@@ -142,10 +143,10 @@ def test_values_and_gradients_match_float64_and_listing1(shape, dtype):
     _check_all(shape, dtype, seed_of("mosaic", shape, jnp.dtype(dtype).name))
 
 
-def test_fused_passing_is_interpreted_per_chunk(monkeypatch):
-    """With the fused passing chosen (enough CTAs), the interpreted composition still computes
-    the states per chunk (`kernels.ssd.pallas._fused`); the fused kernels are tested on their
-    own in test_ssd_steps.py and below."""
+def test_fused_passing_chosen(monkeypatch):
+    """With the fused passing chosen (enough CTAs): compiled on a GPU it runs; the interpreted
+    composition computes the states per chunk instead (`kernels.ssd.pallas._fused`), the fused
+    kernels being tested on their own in test_ssd_steps.py and below."""
     default = MosaicBlockSizes.default
     monkeypatch.setattr(MosaicBlockSizes, "default", lambda *a: dataclasses.replace(
         default(*a), fused_passing_min_programs=0))
@@ -164,6 +165,8 @@ def test_bsmamba2_like_shape_few_sequences():
 
 
 # --- the race check bites ---------------------------------------------------------------------
+
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="checks of JAX's GPU interpreter (CPU)")
 
 def _passing_inputs(seed, chunks=3):
     rng = np.random.default_rng(seed)
@@ -185,6 +188,7 @@ def _copy_then_wait(k, stages, free, copies):
         mc.wait_free(free.at[lax.rem(k, stages)])
 
 
+@interpreter_only
 @pytest.mark.parametrize("planted", [False, True], ids=["as_written", "missing_wait"])
 def test_race_detector_catches_a_missing_barrier_wait(planted, monkeypatch):
     """The fused passing streams 3 chunks through 2 buffers: when the producer's copy of chunk 2
@@ -204,6 +208,7 @@ def test_race_detector_catches_a_missing_barrier_wait(planted, monkeypatch):
         check("final", final, ref_final, 1e-5, 0)
 
 
+@interpreter_only
 def test_uninitialised_shared_memory_reads_as_nan(monkeypatch):
     """The interpreter's uninitialised-memory check is on: a tile the kernel never loads reads
     as NaN and reaches the output (here the consumer reads its scratch tile in place of the
@@ -211,9 +216,9 @@ def test_uninitialised_shared_memory_reads_as_nan(monkeypatch):
     x, B, dt, cs, Q = _passing_inputs(seed_of("uninit"), chunks=1)
     real_product = state_passing.weighted_product
 
-    def unloaded(u_s, v_s, uw_s, cs_s, dt_s, acc, **kw):
+    def unloaded(u_s, v_s, uw_s, *rest, **kw):
         # Read a scratch tile that nothing wrote instead of the loaded u tile.
-        return real_product(uw_s, v_s, uw_s, cs_s, dt_s, acc, **kw)
+        return real_product(uw_s, v_s, uw_s, *rest, **kw)
 
     monkeypatch.setattr(state_passing, "weighted_product", unloaded)
     _, final = jax.jit(lambda *a: state_passing.state_passing_fwd(

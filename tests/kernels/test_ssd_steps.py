@@ -4,7 +4,8 @@ The steps take the padded, chunked operands `kernels.ssd.pallas` lays out; the s
 whole tiles of both backends (64), two chunks, and groups of two heads (g = 2, h = 4) or one. The
 references round the same operands to the matmul dtype, so the kernels match them to float32
 accumulation-order rounding. Triton runs in the Pallas interpreter, Mosaic GPU in JAX's GPU
-interpreter with its race, out-of-bounds and uninitialised-memory checks on.
+interpreter with its race, out-of-bounds and uninitialised-memory checks on; on a GPU the
+kernels are compiled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kernels.ssd.pallas import get_backend
 from tests.kernels.test_ssd import rel_err, seed_of
 from tests.kernels.test_ssd_mosaic import races_found
 
+ON_GPU = jax.default_backend() == "gpu"
 f32, bf16 = jnp.float32, jnp.bfloat16
 TOL = 1e-4
 BACKENDS = ["triton", "mosaic"]
@@ -48,7 +50,7 @@ def _kw(backend):
     kernels = get_backend(backend)
     o = _operands(0)
     P, N, Q = o["x"].shape[3], o["B"].shape[3], o["Q"]
-    return dict(chunk=Q, blocks=kernels.block_sizes.default(P, N, Q, 2), interpret=True)
+    return dict(chunk=Q, blocks=kernels.block_sizes.default(P, N, Q, 2), interpret=not ON_GPU)
 
 
 def _compare(name, outs, refs, seed):
