@@ -132,8 +132,6 @@ def test_chunk_scan_bwd(backend, side, with_state):
 
 def test_listing1_matches_the_float64_recurrence():
     """The whole-SSD oracle itself (Listing 1, in float64) against the NumPy recurrence."""
-    from jax.experimental import enable_x64
-
     from tests.kernels import ssd_recurrence as rec
 
     rng = np.random.default_rng(seed_of("listing1"))
@@ -143,7 +141,7 @@ def test_listing1_matches_the_float64_recurrence():
     y_e, final_e, _ = rec.forward(**{k: v for k, v in inputs.items() if k not in ("D", "z",
                                                                               "dt_bias")},
                                   dt_softplus=False)
-    with enable_x64():
+    with jax.enable_x64(True):
         a = {k: jnp.asarray(v, jnp.float64) for k, v in inputs.items() if v is not None}
         y, final = R.ssd_minimal(a["x"], a["dt"], a["A"], a["B"], a["C"], 16,
                                  a["initial_states"])
