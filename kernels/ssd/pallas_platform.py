@@ -1,10 +1,11 @@
-"""Runs a Pallas computation as Triton kernels where it is lowered for CUDA, interpreted elsewhere.
+"""Runs a Pallas computation compiled where it is lowered for CUDA, interpreted elsewhere.
 
     outs = on_lowering_platform(fn, *arrays)     # fn(*arrays, interpret=bool) -> list of arrays
 
 The choice is made per platform when the computation is lowered, not from the machine that traces
 it: `jax.export(..., platforms=("cpu", "cuda"))` or an ahead-of-time lowering for a GPU server
-from a CPU host embeds the Triton kernels for CUDA and the Pallas interpreter for the CPU.
+from a CPU host embeds the compiled kernels (Triton or Mosaic GPU) for CUDA and the interpreter
+for the CPU.
 
 Why not `jax.lax.platform_dependent`: it lowers every kept branch for every lowering platform, so
 a multi-platform lowering asks a compiled `pallas_call` for a CPU lowering, which Pallas refuses
@@ -28,7 +29,7 @@ from jax.interpreters import batching, mlir
 
 __all__ = ["on_lowering_platform"]
 
-# The platforms that get the compiled (Triton) kernels; every other one gets the interpreter.
+# The platforms that get the compiled kernels; every other one gets the interpreter.
 COMPILED_PLATFORMS = ("cuda",)
 
 pallas_per_platform_p = Primitive("ssd_pallas_per_platform")
