@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export, lax
-from jax.experimental import pallas as pl
+from jax import export
 
 from kernels.ssd import mamba_chunk_scan
 from kernels.ssd.common import prepare_dt, skip_and_gate
@@ -179,30 +178,32 @@ def _passing_inputs(seed, chunks=3):
     return x, B, dt, cs, Q
 
 
-def _copy_then_wait(k, stages, free, copies):
-    """The planted bug: the refill copies before it waits for the buffer's release."""
-    copies()
-
-    @pl.when(k >= stages)
-    def _():
-        mc.wait_free(free.at[lax.rem(k, stages)])
+def _read_without_waiting(landed, release_barrier, compute):
+    """The planted bug: the consumer reads a buffer without waiting for its copies to land."""
+    out = compute()
+    mc.release(release_barrier)
+    return out
 
 
 @interpreter_only
 @pytest.mark.parametrize("planted", [False, True], ids=["as_written", "missing_wait"])
 def test_race_detector_catches_a_missing_barrier_wait(planted, monkeypatch):
-    """The fused passing streams 3 chunks through 2 buffers: when the producer's copy of chunk 2
-    is not preceded by its wait for the consumer's release of chunk 0's buffer (here the wait
-    comes after the copy: every barrier phase is still observed), the copy may overwrite the
-    buffer while it is read. The interpreter must report that race, and none as written."""
+    """The fused passing streams 3 chunks through 2 buffers: when the consumer reads a buffer
+    without waiting on the barriers of its TMA copies (a missing barrier wait), the reads race
+    with the copies. The interpreter must report that race (its barrier bookkeeping then also
+    fails the kernel: the landed phases were never observed), and none as written."""
     if planted:
-        monkeypatch.setattr(state_passing, "refill", _copy_then_wait)
+        monkeypatch.setattr(state_passing, "consume", _read_without_waiting)
     x, B, dt, cs, Q = _passing_inputs(seed_of("race", planted))
     run = jax.jit(lambda *a: state_passing.state_passing_fwd(
         *a, None, chunk=Q, blocks=MosaicBlockSizes(stages=2), interpret=True))
-    states, final = run(x, B, dt, cs)
-    assert races_found() == planted
-    if not planted:
+    if planted:
+        with pytest.raises(Exception, match="observ"):
+            jax.block_until_ready(run(x, B, dt, cs))
+        assert races_found()
+    else:
+        states, final = run(x, B, dt, cs)
+        assert not races_found()
         ref_states, ref_final = state_passing_fwd_reference(x, B, dt, cs, None, chunk=Q)
         check("states", states, ref_states, 1e-5, 0)
         check("final", final, ref_final, 1e-5, 0)

@@ -39,12 +39,23 @@ CHUNK_STAGES = 2  # buffers of the per-chunk tiles
 
 def refill(k, stages: int, free, copies) -> None:
     """Loads step k's tiles into buffer k % stages: once the consumer has released it (from the
-    (stages + 1)-th step on), then the copies (a test moves the wait after them)."""
+    (stages + 1)-th step on), then the copies."""
     @pl.when(k >= stages)
     def _():
         mc.wait_free(free.at[lax.rem(k, stages)])
 
     copies()
+
+
+def consume(landed, release_barrier, compute):
+    """The consumer's use of a buffer: wait until its tiles have landed (the `landed` barriers),
+    compute() reads them, then the buffer is released. (A test drops the waits, to check that
+    the race detector sees the reads race with the copies.)"""
+    for barrier in landed:
+        mc.wait(barrier)
+    out = compute()
+    mc.release(release_barrier)
+    return out
 
 
 def _produce(n_chunks: int, n_slices: int, stages: int, chunk_free, slice_free, chunk_copies,
@@ -125,12 +136,11 @@ def _fwd_kernel(x_ref, b_ref, dt_ref, cs_ref, *refs, heads_per_group: int, stage
             for r in range(n_slices):
                 k = ic * n_slices + r
                 slot = lax.rem(k, stages)
-                for bar in slice_bars:
-                    mc.wait(bar.at[slot])
                 rows = pl.ds(r * ROWS, ROWS)
-                acc = weighted_product(x_s.at[slot], b_s.at[slot], uw_s, cs.at[rows],
-                                       dt.at[rows], last, acc, to_end=True, interpret=interpret)
-                mc.release(slice_free.at[slot])
+                acc = consume([bar.at[slot] for bar in slice_bars], slice_free.at[slot],
+                              functools.partial(
+                    weighted_product, x_s.at[slot], b_s.at[slot], uw_s, cs.at[rows],
+                    dt.at[rows], last, acc, to_end=True, interpret=interpret))
             mc.release(chunk_free.at[cslot])
             return acc
 
@@ -239,12 +249,11 @@ def _bwd_kernel(dy_ref, c_ref, cs_ref, states_ref, *refs, heads_per_group: int, 
             for r in reversed(range(n_slices)):
                 j = k * n_slices + (n_slices - 1 - r)
                 slot = lax.rem(j, stages)
-                for bar in slice_bars:
-                    mc.wait(bar.at[slot])
-                acc = weighted_product(dy_s.at[slot], c_s.at[slot], uw_s,
-                                       cs.at[pl.ds(r * ROWS, ROWS)], None, None, acc,
-                                       to_end=False, interpret=interpret)
-                mc.release(slice_free.at[slot])
+                acc = consume([bar.at[slot] for bar in slice_bars], slice_free.at[slot],
+                              functools.partial(
+                    weighted_product, dy_s.at[slot], c_s.at[slot], uw_s,
+                    cs.at[pl.ds(r * ROWS, ROWS)], None, None, acc, to_end=False,
+                    interpret=interpret))
             mc.release(chunk_free.at[cslot])
             return acc
 
