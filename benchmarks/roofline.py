@@ -86,12 +86,14 @@ def ssd_table(rows: list[dict], bandwidth: float, matmul: float) -> list[str]:
 
 
 def goals(rows: list[dict], bandwidth: float) -> list[str]:
-    """The Pallas kernel's goals at the BSMamba2 time axis, forward+backward, per dtype."""
+    """The Pallas kernels' goals at the BSMamba2 time axis, forward+backward, per dtype and
+    Pallas impl ("pallas_triton", "pallas_mosaic", or the older rows' "pallas")."""
     times = {(r["name"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
     lines = []
-    for dtype in sorted({r["dtype"] for r in rows}):
+    impls = sorted({r["impl"] for r in rows if r["impl"].startswith("pallas")})
+    for dtype, impl in ((d, i) for d in sorted({r["dtype"] for r in rows}) for i in impls):
         key = ("time-axis", dtype, "fwdbwd")
-        pallas = times.get((*key, "pallas"))
+        pallas = times.get((*key, impl))
         if pallas is None:
             continue
         ms = pallas["ms"]
@@ -101,7 +103,7 @@ def goals(rows: list[dict], bandwidth: float) -> list[str]:
             parts.insert(0, f"{xla['ms'] / ms:.2f}x xla (goal >= 2)")
         if (peer := times.get((*key, "mamba_ssm"))) is not None:
             parts.insert(1, f"{ms / peer['ms']:.2f}x mamba_ssm's time (goal <= 1.5)")
-        lines.append(f"- time axis, {dtype}, fwd+bwd: pallas " + ", ".join(parts))
+        lines.append(f"- time axis, {dtype}, fwd+bwd: {impl} " + ", ".join(parts))
     return lines
 
 

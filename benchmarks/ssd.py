@@ -3,7 +3,7 @@
     python benchmarks/ssd.py                                  # check shape + sweep, scan and xla
     python benchmarks/ssd.py --shapes check --impls xla,mamba2-jax   # against the peer
     python benchmarks/ssd.py --shapes bsmamba2 --batch 1 --memory_only   # the model's shapes
-    python benchmarks/ssd.py --impls xla,pallas --dtypes bfloat16,float32 --json out.json
+    python benchmarks/ssd.py --impls xla,pallas_triton,pallas_mosaic --dtypes bfloat16 --json o.json
 
 Columns: median wall time over repeats (ms), tokens/s (b*l / time), achieved GFLOP/s and GB/s
 from the counts below, compiled temporary memory (XLA memory analysis, MiB) of the timed
@@ -261,11 +261,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1,
                         help="examples of 8 s for the bsmamba2 shapes (the authors train 5 per "
                              "device; b = batch x 62 sequences along time, x 801 along bands)")
-    default_impls = "xla,pallas" if jax.default_backend() == "gpu" else "scan,xla"
+    default_impls = ("xla,pallas_triton,pallas_mosaic" if jax.default_backend() == "gpu"
+                     else "scan,xla")
     if load_peer() is not None:
         default_impls += f",{PEER}"
     parser.add_argument("--impls", default=default_impls,
-                        help=f"comma list of scan, xla, pallas, {PEER} (the peer, when "
+                        help=f"comma list of scan, xla, pallas_triton, pallas_mosaic, pallas (the "
+                             f"default Pallas backend), {PEER} (the peer, when "
                              "installed; default: with it when it is)")
     parser.add_argument("--dtypes", default="float32", help="comma list, e.g. float32,bfloat16")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")

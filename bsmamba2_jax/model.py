@@ -31,7 +31,7 @@ from bsmamba2_jax.audio import istft, stft
 from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2Config, torch_bias_init
 from bsmamba2_jax.norms import L2RMSNorm, l2_rms_norm
 from bsmamba2_jax.roformer import ATTN_IMPLS, TransformerBlock, TransformerConfig
-from kernels.ordering import after
+from kernels.ssd.ordering import after
 
 Dtype = Any
 
@@ -182,11 +182,11 @@ def recompute_in_backward(module: nn.Module, *args: Any) -> Any:
     The forward keeps only the module's parameters, its inputs and (when the scope has a
     "dropout" rng) the one dropout key drawn for this call; the backward reruns the module from
     them, with the same key and so the same dropout masks, once the output's cotangent has
-    arrived (`kernels.ordering.after`), then differentiates it. Same values and gradients as the
+    arrived (`kernels.ssd.ordering.after`), then differentiates it. Same values and gradients as the
     module run with that key, for one extra forward pass. The key is drawn here, not inside the
     module, so the masks differ from those of the module called directly (same distribution).
     `module` must be stateless apart from its "params" (true of every module here). Flax's
-    `nn.checkpoint` is not used: XLA:CPU undoes it (`kernels.ordering`).
+    `nn.checkpoint` is not used: XLA:CPU undoes it (`kernels.ssd.ordering`).
     """
     definition = module.clone(parent=None)  # an unbound copy, run from explicit params and key
     dropout = module.scope is not None and module.scope.has_rng("dropout")

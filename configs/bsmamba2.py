@@ -37,7 +37,8 @@ def _model() -> ml_collections.ConfigDict:
     m.chunk_size = 256
     m.band_chunk_size = 64  # SSD chunk along bands: sequences are only 62 long
     m.mask_hidden_mult = 4  # mask estimator hidden size = mult * dim
-    m.ssd_impl = "xla"  # "xla" (chunked, pure JAX), "scan" (reference) or "pallas" (GPU kernel)
+    m.ssd_impl = "xla"  # "xla" (chunked JAX), "scan" (reference), "pallas_triton" / "pallas_mosaic"
+    # (GPU kernels; Mosaic GPU: sm_90), "pallas" (the default Pallas backend: Triton for now)
     m.dtype = "bfloat16"  # compute dtype of matmuls/convs; params, SSD state, norms stay float32
     # What the backward pass recomputes instead of keeping: "none" (fastest, most memory),
     # "layer" (each dual-path layer), "block" (each bidirectional block, per group of sequences:

@@ -6,11 +6,13 @@
 
 Parts, most valuable first (GPU budget in seconds):
   env        versions, the device; on a GPU run, stops everything if JAX sees no GPU     15
-  tests      tests/kernels/test_ssd_pallas.py compiled on the card (float32 references at
-             full precision)                                                            85
+  tests      the Pallas SSD tests (Triton and Mosaic GPU kernels, tests/kernels/
+             test_ssd_{pallas,mosaic,steps}.py) compiled on the card (float32
+             references at full precision)                                              85
   roofline   the card's copy bandwidth and bf16 matmul rate (benchmarks/roofline.py)    15
-  ssd        "xla", "pallas" and mamba_ssm's Triton SSD at the BSMamba2 shapes, bf16 then
-             float32, fwd and fwd+bwd (benchmarks/ssd.py, benchmarks/peers.py)          115
+  ssd        "xla", "pallas_triton", "pallas_mosaic" and mamba_ssm's Triton SSD at the
+             BSMamba2 shapes, bf16 then float32, fwd and fwd+bwd (benchmarks/ssd.py,
+             benchmarks/peers.py)                                                      115
   ssd-table  their table against the ceilings (benchmarks/roofline.py)                  10
   train      the paper config's train step (benchmarks/train_step.py): one real step at
              5 x 8 s (bf16, remat per block) per impl with its peak memory, the compiled
@@ -76,9 +78,11 @@ def _env_steps(out: Path, dry: bool) -> list[Step]:
 
 def _test_steps(out: Path, dry: bool) -> list[Step]:
     cmd = [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "console_output_style=classic",
-           "tests/kernels/test_ssd_pallas.py"]
+           "tests/kernels/test_ssd_pallas.py", "tests/kernels/test_ssd_mosaic.py",
+           "tests/kernels/test_ssd_steps.py"]
     if dry:  # one odd shape's values, gradients and bf16; one CUDA lowering; the CPU lowering
-        cmd += ["-k", "b2l11h4p5g2n6q16 or 2x7x4x5x2x6x16 or cpu_lowering"]
+        cmd += ["-k", "b2l11h4p5g2n6q16 or 2x7x4x5x2x6x16 or cpu_lowering or "
+                "(b2l37h4p5g2n6q64 and bfloat16) or 3x50x6x12x3x10x24 or missing_wait"]
     # The float32 "xla" reference at full precision (XLA's GPU default for float32 is TF32).
     return [Step("pytest", cmd, {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})]
 
@@ -96,7 +100,8 @@ def _ssd_steps(out: Path, dry: bool) -> list[Step]:
     steps = []
     for dtype in ("bfloat16", "float32"):
         common = [*shapes, "--dtypes", dtype, "--modes", "fwd,fwdbwd"]
-        steps.append(Step(f"ours {dtype}", [PY, "benchmarks/ssd.py", "--impls", "xla,pallas",
+        steps.append(Step(f"ours {dtype}", [PY, "benchmarks/ssd.py", "--impls",
+                                            "xla,pallas_triton,pallas_mosaic",
                                             *common, "--json", str(out / f"ssd_{dtype}.json")]))
         steps.append(Step(f"mamba_ssm {dtype}", [PY, "benchmarks/peers.py", *common, "--json",
                                                  str(out / f"peers_{dtype}.json")]))

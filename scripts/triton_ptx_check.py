@@ -28,7 +28,8 @@ def capture_kernels(shape, dtype, block_m: int | None, with_init: bool):
     import jax.numpy as jnp
     from jax._src.pallas.triton import lowering  # private: the only place the IR is visible
 
-    from kernels.ssd.pallas import SSDBlockSizes, kernel_dims, ssd_pallas
+    from kernels.ssd.pallas import ssd_pallas
+    from kernels.ssd.triton.common import SSDBlockSizes, kernel_dims
 
     captured = []
     original = lowering.lower_jaxpr_to_triton_module

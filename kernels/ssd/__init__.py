@@ -13,6 +13,7 @@ so that every implementation shares those steps.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,7 +22,22 @@ from kernels.ssd.common import check_args, prepare_dt, skip_and_gate
 from kernels.ssd.scan import ssd_scan
 from kernels.ssd.xla import ssd_xla
 
-IMPLS = ("scan", "xla", "pallas")
+IMPLS = ("scan", "xla", "pallas", "pallas_triton", "pallas_mosaic")
+
+
+def default_pallas_backend() -> str:
+    """The Pallas backend that impl="pallas" means: "triton" while JAX ships Pallas' Triton
+    backend, else "mosaic".
+
+    Why Triton first: its kernels run on every CUDA GPU JAX supports (sm_80 on), the Mosaic GPU
+    kernels need sm_90 (TMA, wgmma), and neither has been timed on a card yet; JAX 0.11
+    deprecates the Triton backend, and where a JAX no longer has it "pallas" is the Mosaic GPU
+    kernels. Choose either explicitly with "pallas_triton" / "pallas_mosaic"."""
+    try:
+        import jax.experimental.pallas.triton  # noqa: F401
+    except ImportError:
+        return "mosaic"
+    return "triton"
 
 
 def get_impl(impl: str) -> Callable:
@@ -30,10 +46,11 @@ def get_impl(impl: str) -> Callable:
         return ssd_scan
     if impl == "xla":
         return ssd_xla
-    if impl == "pallas":
+    if impl in ("pallas", "pallas_triton", "pallas_mosaic"):
         from kernels.ssd.pallas import ssd_pallas  # imports Pallas only when asked for
 
-        return ssd_pallas
+        backend = default_pallas_backend() if impl == "pallas" else impl.removeprefix("pallas_")
+        return functools.partial(ssd_pallas, backend=backend)
     raise ValueError(f"Unknown SSD impl {impl!r}; choose one of {IMPLS}")
 
 
@@ -52,8 +69,10 @@ def mamba_chunk_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C:
       initial_states: (b, h, p, n) float32 state before step 0.
       dt_softplus: apply softplus to dt + dt_bias.
       return_final_states: also return the (b, h, p, n) float32 state after the last step.
-      impl: "scan" (sequential reference), "xla" (chunked, pure JAX) or "pallas" (Triton
-        kernels where lowered for CUDA, the Pallas interpreter on other platforms).
+      impl: "scan" (sequential reference), "xla" (chunked, pure JAX), "pallas_triton" or
+        "pallas_mosaic" (Pallas kernels on the Triton or the Mosaic GPU backend, compiled where
+        lowered for CUDA, interpreted on other platforms), or "pallas" (the default Pallas
+        backend, `default_pallas_backend`: Triton while JAX ships it).
     Returns:
       y (b, l, h, p) in x.dtype, and final_states when asked.
     """

@@ -1,6 +1,10 @@
-"""Chunked SSD with Pallas kernels (Triton backend), forward and backward joined by custom_vjp.
+"""Chunked SSD on Pallas kernels, forward and backward joined by one custom_vjp; two backends.
 
-Same four steps as `kernels.ssd.xla` (read its docstring for the algebra), arranged as kernels:
+    ssd_pallas(x, dt, A, B, C, chunk_size, initial_states, backend="triton" | "mosaic")
+
+Same four steps as `kernels.ssd.xla` (read its docstring for the algebra), arranged as kernels
+with the same signatures in both backends (`kernels/ssd/triton/`, `kernels/ssd/mosaic/`, one
+algorithm step a file, each step's plain-jnp reference in `kernels.ssd.reference`):
 
   forward   chunk_state   S_c = sum_s exp(cs_last - cs_s) dt_s x_s^T B_s       (decay fused)
             state passing H_{c+1} = exp(cs_last,c) H_c + S_c                   (lax.scan, c steps)
@@ -11,91 +15,152 @@ Same four steps as `kernels.ssd.xla` (read its docstring for the algebra), arran
             bwd_rows      dC, the row part of dcs               (grid over row blocks)
             bwd_cols      dx, dB, the direct dt gradient        (grid over column blocks)
 
-When batch x heads gives enough programs (`SSDBlockSizes.fused_passing_min_programs`), the chunk
-states and the passing are one kernel each way (`kernels.ssd.pallas_passing`): the S_c and Y_c
-never reach memory. With one chunk and no initial state nothing is passed, and the kernels read
-no state at all; an unused final state (a symbolic-zero cotangent) is not sent back either.
-The within-chunk cumulative sum cs of dt*A is computed in JAX outside the custom_vjp, so JAX
-differentiates it (the reverse cumsum that turns dcs into dA and the rest of ddt). Padding is
-also outside: the sequence goes to a multiple of the chunk with dt = 0 (decay 1, no input: exact),
-and p, n go to powers of two >= 16 with zeros (exact: padded state rows/columns stay zero).
-The kernel chunk is the requested chunk_size rounded up to a power of two >= 16 (and not
-longer than needed for the sequence): any chunking computes the same function.
+When batch x heads gives enough programs (the block sizes' `fused_passing_min_programs`), the
+chunk states and the passing are one kernel each way (`state_passing`): one program owns a
+(head, sequence)'s chunk loop and the S_c and Y_c never reach memory. With one chunk and no
+initial state nothing is passed, and the kernels read no state at all; an unused final state (a
+symbolic-zero cotangent) is not sent back either. The within-chunk cumulative sum cs of dt*A is
+computed in JAX outside the custom_vjp, so JAX differentiates it (the reverse cumsum that turns
+dcs into dA and the rest of ddt). Padding is also outside: the sequence goes to a multiple of the
+kernel chunk with dt = 0 (decay 1, no input: exact), p and n to the backend's granule with zeros
+(exact: padded state rows/columns stay zero); any chunking computes the same function.
+
+The backends (`BACKENDS`):
+  "triton"  Pallas' Triton backend (`jax.experimental.pallas.triton`): power-of-two blocks
+            >= 16, float32 dots in 3xTF32; any CUDA GPU from sm_80. Deprecated by JAX 0.11.
+  "mosaic"  Pallas' Mosaic GPU backend (`plgpu.kernel`), written for sm_90 (H100/H200): TMA
+            copies into swizzled shared memory, wgmma, a warp-specialised producer/consumer
+            pipeline in the fused passing; tiles of 64 rows, so P, N and the chunk are padded to
+            multiples of 64 (the chunk at most 256). Its products take 16-bit operands: float32
+            x, B, C are rounded to bfloat16 for them (accumulation in float32).
 
 Where the kernels run is decided per platform when the computation is lowered
-(`kernels.ssd.pallas_platform`): compiled Triton kernels for CUDA, the Pallas interpreter for
-every other platform (slow: on a CPU use the "xla" impl for speed). So a model lowered or
-exported for a GPU from a CPU host carries the Triton kernels; `interpret=` forces either.
+(`kernels.ssd.pallas_platform`): compiled kernels for CUDA; on every other platform the Triton
+kernels run in the Pallas interpreter and the Mosaic kernels in JAX's GPU interpreter (with its
+race, out-of-bounds and uninitialised-memory checks on). So a model lowered or exported for a GPU
+from a CPU host carries the compiled kernels; `interpret=` forces either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from kernels.ssd.pallas_bwd import chunk_scan_bwd_cols, chunk_scan_bwd_rows
-from kernels.ssd.pallas_fwd import SSDBlockSizes, chunk_scan, chunk_state
-from kernels.ssd.pallas_passing import state_passing_bwd, state_passing_fwd
+from kernels.ssd import reference
 from kernels.ssd.pallas_platform import on_lowering_platform
-from kernels.ssd.xla import ssd_xla
 
-__all__ = ["SSDBlockSizes", "kernel_dims", "ssd_pallas", "ssd_pallas_reference"]
+__all__ = ["BACKENDS", "Backend", "get_backend", "ssd_pallas", "ssd_pallas_reference"]
 
 f32 = jnp.float32
 
-# The plain-jnp reference with float32 accumulation that these kernels reproduce.
-ssd_pallas_reference = ssd_xla
+# The plain-jnp whole-SSD oracle that these kernels reproduce (the paper's Listing 1).
+ssd_pallas_reference = reference.ssd_minimal
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One Pallas backend's kernels (same signatures in both) and its tiling rules."""
+
+    name: str
+    chunk_state: Callable
+    chunk_scan: Callable
+    state_passing_fwd: Callable
+    state_passing_bwd: Callable
+    chunk_scan_bwd_rows: Callable
+    chunk_scan_bwd_cols: Callable
+    kernel_dims: Callable[[int, int, int, int], tuple[int, int, int]]
+    block_sizes: type  # .default(P, N, Q, itemsize) and .check(P, N, Q)
+    matmul_dtype: Callable[[Any], Any]  # the inputs' dtype -> the kernels' operand dtype
+    programs_per_state: Callable[[Any, int], int]  # (blocks, P) -> programs per (head, seq)
 
 
-def kernel_dims(seqlen: int, headdim: int, dstate: int, chunk_size: int) -> tuple[int, int, int]:
-    """(Q, P, N): the kernel chunk and the padded head and state dims, powers of two >= 16."""
-    chunk = max(16, _next_pow2(min(chunk_size, seqlen)))
-    return chunk, max(16, _next_pow2(headdim)), max(16, _next_pow2(dstate))
+def _triton() -> Backend:
+    from kernels.ssd.triton import chunk_scan, chunk_scan_bwd, chunk_state, state_passing
+    from kernels.ssd.triton.common import SSDBlockSizes, kernel_dims
+
+    return Backend("triton", chunk_state.chunk_state, chunk_scan.chunk_scan,
+                   state_passing.state_passing_fwd, state_passing.state_passing_bwd,
+                   chunk_scan_bwd.chunk_scan_bwd_rows, chunk_scan_bwd.chunk_scan_bwd_cols,
+                   kernel_dims, SSDBlockSizes, lambda dtype: dtype,
+                   lambda blocks, P: P // blocks.block_p)
+
+
+def _mosaic() -> Backend:
+    from kernels.ssd.mosaic import chunk_scan, chunk_scan_bwd, chunk_state, state_passing
+    from kernels.ssd.mosaic.common import MosaicBlockSizes, kernel_dims
+
+    return Backend("mosaic", chunk_state.chunk_state, chunk_scan.chunk_scan,
+                   state_passing.state_passing_fwd, state_passing.state_passing_bwd,
+                   chunk_scan_bwd.chunk_scan_bwd_rows, chunk_scan_bwd.chunk_scan_bwd_cols,
+                   kernel_dims, MosaicBlockSizes,
+                   lambda dtype: jnp.bfloat16 if jnp.dtype(dtype) == f32 else dtype,
+                   lambda blocks, P: 1)
+
+
+BACKENDS = ("triton", "mosaic")
+
+
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """The backend's kernels (imported when first asked for); ValueError for an unknown name."""
+    if name == "triton":
+        return _triton()
+    if name == "mosaic":
+        return _mosaic()
+    raise ValueError(f"Unknown Pallas backend {name!r}; choose one of {BACKENDS}")
+
+
+def kernel_dims(seqlen: int, headdim: int, dstate: int, chunk_size: int,
+                backend: str = "triton") -> tuple[int, int, int]:
+    """(Q, P, N): the kernel chunk and the padded head and state dims of a backend."""
+    return get_backend(backend).kernel_dims(seqlen, headdim, dstate, chunk_size)
 
 
 class _Config(NamedTuple):
+    backend: Backend
     chunk: int
-    blocks: SSDBlockSizes
+    blocks: Any
     interpret: bool | None  # None: decided per lowering platform (`kernels.ssd.pallas_platform`)
     zero_init: bool  # no initial state was given
-    fused_passing: bool  # chunk states and passing in one kernel (`kernels.ssd.pallas_passing`)
+    fused_passing: bool  # chunk states and passing in one kernel (`state_passing`)
 
 
 def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
                chunk_size: int, initial_states: jax.Array | None = None, *,
-               block_sizes: SSDBlockSizes | None = None,
+               backend: str = "triton", block_sizes: Any = None,
                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD on Pallas kernels; differentiable in x, dt, A, B, C and initial_states.
 
     Args:
-      x: (b, l, h, p) float32 or bfloat16. dt: (b, l, h), already biased/softplus'd (used in
-        float32). A: (h,). B, C: (b, l, g, n), h % g == 0.
-      chunk_size: chunk length; rounded up to a power of two >= 16 for the kernels.
+      x: (b, l, h, p) float32, bfloat16 or float16. dt: (b, l, h), already biased/softplus'd
+        (used in float32). A: (h,). B, C: (b, l, g, n), h % g == 0.
+      chunk_size: chunk length; rounded up to the backend's kernel chunk (`kernel_dims`).
       initial_states: (b, h, p, n) or None (zeros).
-      block_sizes: tiles and launch parameters; default `SSDBlockSizes.default(P, N, Q, itemsize)`.
-      interpret: True runs the kernels in the Pallas interpreter, False compiles them with
-        Triton (CUDA only); None (default) decides per platform at lowering: Triton for CUDA,
-        the interpreter elsewhere.
+      backend: "triton" or "mosaic" (see the module docstring).
+      block_sizes: the backend's block sizes (`SSDBlockSizes` / `MosaicBlockSizes`); default
+        `.default(P, N, Q, itemsize)`.
+      interpret: True runs the kernels in an interpreter, False compiles them (CUDA only); None
+        (default) decides per platform at lowering: compiled for CUDA, interpreted elsewhere.
     Returns:
       y (b, l, h, p) float32 without the D skip, final state (b, h, p, n) float32.
     """
+    kernels = get_backend(backend)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     if h % g:
         raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
-    chunk, P, N = kernel_dims(l, p, n, chunk_size)
+    chunk, P, N = kernels.kernel_dims(l, p, n, chunk_size)
     mm = jnp.result_type(x.dtype, B.dtype, C.dtype)
     if mm not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"x, B, C must be float32, bfloat16 or float16, got {mm}; cast them")
-    blocks = block_sizes or SSDBlockSizes.default(P, N, chunk, jnp.dtype(mm).itemsize)
+    mm = kernels.matmul_dtype(mm)
+    blocks = block_sizes or kernels.block_sizes.default(P, N, chunk, jnp.dtype(mm).itemsize)
     blocks.check(P, N, chunk)
     c = -(-l // chunk)
     L = c * chunk
@@ -112,9 +177,9 @@ def ssd_pallas(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.A
         init = jnp.zeros((b, h, P, N), f32)
     else:
         init = jnp.pad(initial_states.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)])
-    fused = b * h * (P // blocks.block_p) >= blocks.fused_passing_min_programs
+    fused = b * h * kernels.programs_per_state(blocks, P) >= blocks.fused_passing_min_programs
     interpret = None if interpret is None else bool(interpret)
-    cfg = _Config(chunk, blocks, interpret, initial_states is None, fused)
+    cfg = _Config(kernels, chunk, blocks, interpret, initial_states is None, fused)
     y, final = _ssd_core(cfg, xp, dtp, cs, Bp, Cp, init)
     return y[:, :l, :, :p], final[:, :, :p, :n]
 
@@ -165,6 +230,14 @@ def _pass_state_grads(out_grads: jax.Array, states: jax.Array, decay: jax.Array,
 
 # --- custom_vjp core on padded operands ----------------------------------------------------------
 
+def _fused(cfg: _Config, interpret: bool) -> bool:
+    """Whether the fused passing kernels run. Not in JAX's GPU interpreter: it runs their two
+    warpgroups as concurrent XLA:CPU computations inside a host callback, which deadlocked on a
+    2-core host inside a whole forward and backward (the kernels run, and are tested, on their
+    own); there the per-chunk kernels and a lax.scan compute the same states."""
+    return cfg.fused_passing and not (interpret and cfg.backend.name == "mosaic")
+
+
 def _on_platform(cfg: _Config, fn, *args) -> list[jax.Array]:
     """fn(cfg, *args, interpret=...) with cfg.interpret, or decided per lowering platform."""
     if cfg.interpret is None:
@@ -176,9 +249,9 @@ def _states(cfg: _Config, x, dt, cs, B, init, interpret: bool):
     """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N); init None
     when zero."""
     kw = dict(chunk=cfg.chunk, blocks=cfg.blocks, interpret=interpret)
-    if cfg.fused_passing:
-        return state_passing_fwd(x, B, dt, cs, init, **kw)
-    chunk_states = chunk_state(x, B, dt, cs, to_end=True, **kw)
+    if _fused(cfg, interpret):
+        return cfg.backend.state_passing_fwd(x, B, dt, cs, init, **kw)
+    chunk_states = cfg.backend.chunk_state(x, B, dt, cs, to_end=True, **kw)
     if init is None:
         init = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), f32)
     return _pass_states(chunk_states, _chunk_decay(cs, cfg.chunk), init)
@@ -191,11 +264,11 @@ def _forward(cfg: _Config, x, dt, cs, B, C, *init, interpret: bool):
     if init is None and x.shape[1] == cfg.chunk:
         # One chunk and no initial state: nothing enters the chunk, the kernel reads no state
         # (the BSMamba2 band axis: a zero state per sequence would be 4x the bytes of x).
-        final = chunk_state(x, B, dt, cs, to_end=True, **kw)[:, 0]
+        final = cfg.backend.chunk_state(x, B, dt, cs, to_end=True, **kw)[:, 0]
         states = None
     else:
         states, final = _states(cfg, x, dt, cs, B, init, interpret)
-    return chunk_scan(x, B, C, dt, cs, states, **kw), final
+    return cfg.backend.chunk_scan(x, B, C, dt, cs, states, **kw), final
 
 
 def _backward(cfg: _Config, x, dt, cs, B, C, dy, *rest, zero_final: bool,
@@ -223,20 +296,22 @@ def _backward(cfg: _Config, x, dt, cs, B, C, dy, *rest, zero_final: bool,
         else:
             d_decay = jnp.sum(init * d_final, axis=(-2, -1))[..., None]
         if init is not None:
-            d_init = chunk_state(dy, C, dt, cs, to_end=False, **kw)[:, 0]
+            d_init = cfg.backend.chunk_state(dy, C, dt, cs, to_end=False, **kw)[:, 0]
             if d_final is not None:
                 d_init = d_init + decay[..., 0, None, None] * d_final
     else:
         states, _ = _states(cfg, x, dt, cs, B, init, interpret)
-        if cfg.fused_passing:
-            s_grads, d_decay, d_init = state_passing_bwd(dy, C, cs, states, d_final, **kw)
+        if _fused(cfg, interpret):
+            s_grads, d_decay, d_init = cfg.backend.state_passing_bwd(dy, C, cs, states, d_final,
+                                                                     **kw)
         else:
-            out_grads = chunk_state(dy, C, dt, cs, to_end=False, **kw)
+            out_grads = cfg.backend.chunk_state(dy, C, dt, cs, to_end=False, **kw)
             if d_final is None:
                 d_final = jnp.zeros((b, h, P, N), f32)
             s_grads, d_decay, d_init = _pass_state_grads(out_grads, states, decay, d_final)
-    dc, dcs_rows = chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
-    dx, db, ddt_intra, ddt_state = chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy, **kw)
+    dc, dcs_rows = cfg.backend.chunk_scan_bwd_rows(x, B, C, dt, cs, states, dy, **kw)
+    dx, db, ddt_intra, ddt_state = cfg.backend.chunk_scan_bwd_cols(x, B, C, dt, cs, s_grads, dy,
+                                                                   **kw)
 
     ddt = ddt_intra + ddt_state
     # cs_s enters every term through exp(... - cs_s) dt_s: its column part is -dt_s ddt_s.

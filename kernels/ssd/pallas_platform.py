@@ -1,10 +1,11 @@
-"""Runs a Pallas computation as Triton kernels where it is lowered for CUDA, interpreted elsewhere.
+"""Runs a Pallas computation compiled where it is lowered for CUDA, interpreted elsewhere.
 
     outs = on_lowering_platform(fn, *arrays)     # fn(*arrays, interpret=bool) -> list of arrays
 
 The choice is made per platform when the computation is lowered, not from the machine that traces
 it: `jax.export(..., platforms=("cpu", "cuda"))` or an ahead-of-time lowering for a GPU server
-from a CPU host embeds the Triton kernels for CUDA and the Pallas interpreter for the CPU.
+from a CPU host embeds the compiled kernels (Triton or Mosaic GPU) for CUDA and the interpreter
+for the CPU.
 
 Why not `jax.lax.platform_dependent`: it lowers every kept branch for every lowering platform, so
 a multi-platform lowering asks a compiled `pallas_call` for a CPU lowering, which Pallas refuses
@@ -28,7 +29,7 @@ from jax.interpreters import batching, mlir
 
 __all__ = ["on_lowering_platform"]
 
-# The platforms that get the compiled (Triton) kernels; every other one gets the interpreter.
+# The platforms that get the compiled kernels; every other one gets the interpreter.
 COMPILED_PLATFORMS = ("cuda",)
 
 pallas_per_platform_p = Primitive("ssd_pallas_per_platform")
@@ -48,8 +49,12 @@ def on_lowering_platform(fn: Callable[..., Sequence[jax.Array]], *args: jax.Arra
 
 
 def _abstract_eval(*avals, fn):
+    """The outputs' avals, and the interpreter's effects: JAX's GPU interpreter (the Mosaic GPU
+    kernels off CUDA) is a chain of ordered host callbacks, so the primitive declares them for
+    every platform (a compiled lowering passes the ordering token through)."""
+    interpreted = jax.make_jaxpr(functools.partial(fn, interpret=True))(*avals)
     outs = jax.eval_shape(functools.partial(fn, interpret=False), *avals)
-    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs], interpreted.effects
 
 
 def _impl(*args, fn):
@@ -80,7 +85,7 @@ def _batch(args, dims, *, fn):
     return outs, [0] * len(outs)
 
 
-pallas_per_platform_p.def_abstract_eval(_abstract_eval)
+pallas_per_platform_p.def_effectful_abstract_eval(_abstract_eval)
 pallas_per_platform_p.def_impl(_impl)
 batching.primitive_batchers[pallas_per_platform_p] = _batch
 mlir.register_lowering(pallas_per_platform_p,

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from kernels.ordering import after
+from kernels.ssd.ordering import after
 from kernels.ssd.xla_chunk import chunk_backward, chunk_forward
 
 f32 = jnp.float32

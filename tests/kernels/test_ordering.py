@@ -1,4 +1,4 @@
-"""`kernels.ordering.after`: a dependency XLA cannot see through, values unchanged."""
+"""`kernels.ssd.ordering.after`: a dependency XLA cannot see through, values unchanged."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.ordering import after
+from kernels.ssd.ordering import after
 
 
 @pytest.mark.parametrize("first", [1.5, -0.0, np.nan, np.inf, -np.inf])

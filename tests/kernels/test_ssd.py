@@ -273,3 +273,18 @@ def test_bad_arguments_name_the_problem(change, message):
     args = {**_valid_args(), "chunk_size": 8, **change}
     with pytest.raises(ValueError, match=message):
         mamba_chunk_scan(**args)
+
+
+def test_pallas_names_resolve_to_their_backends():
+    """"pallas_triton" / "pallas_mosaic" pick their backend; "pallas" the default one (Triton
+    while JAX ships it); an unknown backend is named."""
+    from kernels.ssd import default_pallas_backend, get_impl
+    from kernels.ssd.pallas import ssd_pallas
+
+    assert get_impl("pallas_triton").keywords == {"backend": "triton"}
+    assert get_impl("pallas_mosaic").keywords == {"backend": "mosaic"}
+    assert get_impl("pallas").keywords == {"backend": default_pallas_backend()}
+    assert default_pallas_backend() == "triton"  # both supported JAX versions ship Triton
+    args = _valid_args()
+    with pytest.raises(ValueError, match="Unknown Pallas backend"):
+        ssd_pallas(args["x"], args["dt"], args["A"], args["B"], args["C"], 8, backend="cuda")

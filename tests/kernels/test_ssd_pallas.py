@@ -1,4 +1,4 @@
-"""`impl="pallas"` against the float64 recurrence and the "xla" impl, values and gradients; the
+"""`impl="pallas_triton"` against the float64 recurrence and the "xla" impl, values and gradients;
 kernels lowered for CUDA (Triton) from this host at the BSMamba2 shapes and at small odd ones.
 
 The kernels run where they are lowered: compiled Triton kernels on a GPU, the Pallas interpreter
@@ -11,6 +11,7 @@ reference is not computed in TF32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -23,7 +24,8 @@ import pytest
 from jax import export
 
 from kernels.ssd import mamba_chunk_scan
-from kernels.ssd.pallas import SSDBlockSizes, kernel_dims, ssd_pallas
+from kernels.ssd.pallas import ssd_pallas
+from kernels.ssd.triton.common import SSDBlockSizes, kernel_dims
 from kernels.ssd.xla import ssd_xla
 from tests.kernels import ssd_recurrence as rec
 from tests.kernels.test_ssd import GRAD_ARGS, rel_err, to_jnp
@@ -136,14 +138,14 @@ def _float64_expected(shape, dtype_name: str, seed: int, options: str, keep: tup
 
 
 def _check_all(shape, dtype, seed, options, *, float64_sequences=None):
-    """Values and all gradients of "pallas" against the float64 recurrence and "xla".
+    """Values and all gradients of "pallas_triton" against the float64 recurrence and "xla".
 
     float64_sequences: compare against float64 only on these sequences (the recurrence keeps
     every state: too large for the model's batch); "xla" is compared on all of them."""
     b, l, h, p, g, n, chunk = shape
     inputs, gy, g_final = _problem(shape, seed, options)
     args = _args(inputs, dtype)
-    (y, final), grads = _value_and_grads(args, gy, g_final, chunk, "pallas")
+    (y, final), grads = _value_and_grads(args, gy, g_final, chunk, "pallas_triton")
     (y_x, final_x), grads_x = _value_and_grads(args, gy, g_final, chunk, "xla")
     assert y.shape == (b, l, h, p) and y.dtype == dtype
     assert final.shape == (b, h, p, n) and final.dtype == f32
@@ -212,7 +214,7 @@ def test_values_match_float64_recurrence_and_xla(shape):
     _, inputs = _inputs(seed, shape, options)
     y_expected, final_expected, _ = rec.forward(**inputs)
     args = to_jnp(inputs)
-    y, final = _run(args, shape[-1], "pallas")
+    y, final = _run(args, shape[-1], "pallas_triton")
     b, l, h, p, g, n, _ = shape
     assert y.shape == (b, l, h, p) and y.dtype == f32
     assert final.shape == (b, h, p, n) and final.dtype == f32
@@ -259,7 +261,7 @@ def test_zero_state_shortcuts(seqlen, with_init, use_final, fused_passing):
 
     def objective(a):
         y, final = mamba_chunk_scan(**a, chunk_size=chunk, dt_softplus=True,
-                                    return_final_states=True, impl="pallas")
+                                    return_final_states=True, impl="pallas_triton")
         loss = jnp.sum(y * gy) + (jnp.sum(final * g_final) if use_final else 0.0)
         return loss, (y, final)
 
@@ -292,7 +294,7 @@ def test_several_tiles_per_chunk_and_head_dim():
         return jnp.sum(y * gy) + jnp.sum(final * g_final), (y, final)
 
     run = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)
-    (_, (y, final)), grads = run(args, "pallas")
+    (_, (y, final)), grads = run(args, "pallas_triton")
     (_, (y_x, final_x)), grads_x = run(args, "xla")
     check("y", y, y_x, VALUE_TOL[f32], seed)
     check("final", final, final_x, VALUE_TOL[f32], seed)
@@ -323,6 +325,17 @@ def test_default_block_sizes_fit_the_padded_dims(dims):
 
 # --- lowering per platform: Triton for CUDA, the interpreter elsewhere, from this host -----------
 
+def for_an_h100():
+    """Lowering for CUDA on a host without a GPU: JAX 0.11's Triton lowering asks for a device
+    (its compute capability); an abstract H100 stands in (on a GPU host: the real one)."""
+    if ON_GPU:
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                                         num_cores=132)
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (),
+                                                                    abstract_device=device))
+
+
 def _lower(platform, b, l, h, p, g, n, chunk, dtype, with_init, use_final=True, blocks=None):
     spec = jax.ShapeDtypeStruct
     args = (spec((b, l, h, p), dtype), spec((b, l, h), f32), spec((h,), f32),
@@ -336,7 +349,8 @@ def _lower(platform, b, l, h, p, g, n, chunk, dtype, with_init, use_final=True, 
         return jnp.sum(y) + (jnp.sum(final) if use_final else 0.0)
 
     lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    return lower(forward), lower(jax.grad(loss, argnums=tuple(range(6))))
+    with for_an_h100() if platform == "cuda" else contextlib.nullcontext():
+        return lower(forward), lower(jax.grad(loss, argnums=tuple(range(6))))
 
 
 def _triton_kernels(module_text: str) -> list[str]:
@@ -427,19 +441,20 @@ def test_vmap_equals_the_batch_axis():
 
 @pytest.mark.slow  # ~30 s on 2 idle cores: the interpreted tiny model
 def test_model_exported_for_cpu_and_cuda_carries_triton_and_runs_on_cpu():
-    """jax.export of the separator (tiny BSMamba2, ssd_impl="pallas") for ("cpu", "cuda") from
-    this host: the CUDA module holds the Triton kernels, and the exported function run on the
+    """jax.export of the separator (tiny BSMamba2, ssd_impl="pallas_triton") for ("cpu", "cuda")
+    from this host: the CUDA module holds the Triton kernels, and the exported function run on the
     CPU (the interpreted kernels) equals the model with ssd_impl="xla"."""
     from bsmamba2_jax.model import BSMamba2
     from tests.bsmamba2_jax.tiny_model import tiny_model_and_params
 
     model_xla, params, config = tiny_model_and_params()
-    model = BSMamba2(**{**config.model, "ssd_impl": "pallas"})
+    model = BSMamba2(**{**config.model, "ssd_impl": "pallas_triton"})
     seed = seed_of("export")
     audio = (0.1 * np.random.default_rng(seed).standard_normal((1, 2, 22050))).astype(np.float32)
-    exported = export.export(
-        jax.jit(model.apply), platforms=("cpu", "cuda"),
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(params, audio)
+    with for_an_h100():
+        exported = export.export(
+            jax.jit(model.apply), platforms=("cpu", "cuda"),
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(params, audio)
     names = _triton_kernels(exported.mlir_module())
     # Each SSD call of the forward (both directions of the time pass and of the band pass)
     # lowers its chunk-state and output kernels.

@@ -76,6 +76,7 @@ def test_dry_run_passes_every_step(tmp_path):
               if s["status"] != "ok"]
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-3000:])
     summary = (out / "summary.md").read_text()
-    assert "| tiny-time | 2 | bfloat16 | fwdbwd | pallas |" in summary
+    assert "| tiny-time | 2 | bfloat16 | fwdbwd | pallas_triton |" in summary
+    assert "| tiny-time | 2 | bfloat16 | fwdbwd | pallas_mosaic |" in summary
     assert "mamba_ssm column" in summary
     assert json.loads((out / "inference.json").read_text())["rows"][0]["wall_seconds"] > 0

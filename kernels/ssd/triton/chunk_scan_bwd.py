@@ -16,7 +16,7 @@ sum stays inside one program (no atomics): `chunk_scan_bwd_rows` (grid over row 
 dcs row part) and `chunk_scan_bwd_cols` (grid over column blocks s: dx, ddt, dB). A program
 serves one group and loops over its heads, accumulating dB and dC (summed over the group's heads)
 in registers: per-head float32 dB, dC would be written and read back at h/g times the bytes.
-Layouts as in `kernels.ssd.pallas_fwd`; grids (tile, group, chunk, batch), the first fastest.
+Layouts as in `kernels.ssd.triton.common`; grids (tile, group, chunk, batch), the first fastest.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.ssd.pallas_fwd import SSDBlockSizes, compiler_params, decay_block, dot
+from kernels.ssd.triton.common import SSDBlockSizes, compiler_params, decay_block, dot
 
 f32 = jnp.float32
 

@@ -10,7 +10,7 @@ pass. This trades parallelism (b*h*P/bp programs instead of b*c*h*P/bp) for byte
   backward  G = dL/dH_C;  for c descending: dL/dS_c = G,  d decay_c = <G, H_c>,
             G = sum_t exp(cs_t) dy_t^T C_t + exp(cs_last,c) G;   dL/dH_0 = G
 
-Layouts as in `kernels.ssd.pallas_fwd`.
+Layouts as in `kernels.ssd.triton.common`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.ssd.pallas_fwd import SSDBlockSizes, compiler_params, dot
+from kernels.ssd.triton.common import SSDBlockSizes, compiler_params, dot
 
 f32 = jnp.float32
 
